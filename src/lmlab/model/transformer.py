@@ -1,0 +1,254 @@
+"""A decoder-only Transformer that is GPT-2 or LLaMA by configuration.
+
+Read top to bottom: norms, rotary embeddings, attention, MLP, block, model.
+Each block computes (pre-norm residual)
+
+    x = x + Attention(Norm(x))
+    x = x + MLP(Norm(x))
+
+and attention is softmax(Q Kᵀ / √d_k) V through
+`torch.nn.functional.scaled_dot_product_attention`, which picks a fused kernel
+(flash / memory-efficient / math) for the device.
+
+Weights are laid out for speed, not for any one checkpoint format: Q, K and V
+come from one fused Linear, and SwiGLU's gate and up projections from another,
+so each costs one matmul. `lmlab.interop` maps them to and from Hugging Face.
+The key/value cache for generation lives here too (`KVCache`), because which
+positions a query may attend to is part of the model's arithmetic.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from lmlab.model.config import ModelConfig
+
+
+class RMSNorm(nn.Module):
+    """x / sqrt(mean(x²) + eps) * weight, computed in float32 as LLaMA does."""
+
+    def __init__(self, dim: int, eps: float):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        xf = x.float()
+        xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
+        return self.weight * xf.to(x.dtype)
+
+
+def make_norm(cfg: ModelConfig) -> nn.Module:
+    if cfg.norm == "rmsnorm":
+        return RMSNorm(cfg.d_model, cfg.norm_eps)
+    return nn.LayerNorm(cfg.d_model, eps=cfg.norm_eps, bias=cfg.bias)
+
+
+# ---------------------------------------------------------------- rotary embeddings
+
+def rope_inv_freq(cfg: ModelConfig) -> torch.Tensor:
+    """Inverse frequencies θ_i = theta^(-2i/d), with the scalings real checkpoints use."""
+    d = cfg.head_dim
+    inv_freq = 1.0 / (cfg.rope_theta ** (torch.arange(0, d, 2, dtype=torch.float64) / d))
+    sc = cfg.rope_scaling or {}
+    kind = sc.get("rope_type", sc.get("type", "default"))
+    if kind == "linear":
+        inv_freq = inv_freq / sc["factor"]
+    elif kind == "llama3":
+        # Llama 3.1: long wavelengths slowed by `factor`, short ones kept, smooth in between
+        factor, lo, hi = sc["factor"], sc["low_freq_factor"], sc["high_freq_factor"]
+        old_ctx = sc["original_max_position_embeddings"]
+        wavelen = 2 * math.pi / inv_freq
+        smooth = (old_ctx / wavelen - lo) / (hi - lo)
+        scaled = torch.where(wavelen > old_ctx / lo, inv_freq / factor, inv_freq)
+        mid = (wavelen <= old_ctx / lo) & (wavelen >= old_ctx / hi)
+        inv_freq = torch.where(mid, (1 - smooth) * inv_freq / factor + smooth * inv_freq, scaled)
+    elif kind != "default":
+        raise ValueError(f"unsupported rope scaling {kind!r}")
+    return inv_freq.float()
+
+
+def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Rotate pairs (x_i, x_{i+d/2}) by position-dependent angles (the 'rotate half' layout)."""
+    x1, x2 = x.chunk(2, dim=-1)
+    rotated = torch.cat((-x2, x1), dim=-1)
+    return (x * cos + rotated * sin).to(x.dtype)
+
+
+# ---------------------------------------------------------------- KV cache
+
+class KVCache:
+    """Keys and values of past positions, preallocated for `max_len` positions.
+
+    `pos` is the number of positions already stored; every sequence in the batch
+    shares it (the batched engine left-pads prompts to make that so).
+    """
+
+    def __init__(self, cfg: ModelConfig, batch_size: int, max_len: int,
+                 device=None, dtype: torch.dtype = torch.float32):
+        shape = (batch_size, cfg.n_kv_head, max_len, cfg.head_dim)
+        self.k = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(cfg.n_layer)]
+        self.v = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(cfg.n_layer)]
+        self.max_len = max_len
+        self.pos = 0
+
+    def update(self, layer: int, k: torch.Tensor, v: torch.Tensor):
+        """Store k, v (B, H_kv, T, D) at the current position; return all keys/values so far."""
+        end = self.pos + k.shape[2]
+        if end > self.max_len:
+            raise ValueError(f"KV cache full: {end} positions > max_len {self.max_len}")
+        self.k[layer][:, :, self.pos:end] = k
+        self.v[layer][:, :, self.pos:end] = v
+        return self.k[layer][:, :, :end], self.v[layer][:, :, :end]
+
+
+# ---------------------------------------------------------------- attention and MLP
+
+class Attention(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.n_head, self.n_kv_head, self.head_dim = cfg.n_head, cfg.n_kv_head, cfg.head_dim
+        q_dim, kv_dim = cfg.n_head * cfg.head_dim, cfg.n_kv_head * cfg.head_dim
+        self.qkv = nn.Linear(cfg.d_model, q_dim + 2 * kv_dim, bias=cfg.qkv_bias)
+        self.proj = nn.Linear(q_dim, cfg.d_model, bias=cfg.bias)
+        self.dropout = cfg.dropout
+
+    def forward(self, x, rope=None, cache: KVCache | None = None, layer: int = 0,
+                attn_mask: torch.Tensor | None = None):
+        B, T, _ = x.shape
+        q_dim, kv_dim = self.n_head * self.head_dim, self.n_kv_head * self.head_dim
+        q, k, v = self.qkv(x).split([q_dim, kv_dim, kv_dim], dim=-1)
+        q = q.view(B, T, self.n_head, self.head_dim).transpose(1, 2)  # (B, H, T, D)
+        k = k.view(B, T, self.n_kv_head, self.head_dim).transpose(1, 2)
+        v = v.view(B, T, self.n_kv_head, self.head_dim).transpose(1, 2)
+        if rope is not None:
+            cos, sin = rope
+            q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        past = 0
+        if cache is not None:
+            past = cache.pos
+            k, v = cache.update(layer, k, v)
+        if self.n_kv_head != self.n_head:  # grouped-query attention: share each K/V head
+            rep = self.n_head // self.n_kv_head
+            k = k.repeat_interleave(rep, dim=1)
+            v = v.repeat_interleave(rep, dim=1)
+        if attn_mask is None and past and T > 1:
+            # a chunk after cached positions: causal within the chunk, all of the past visible
+            attn_mask = torch.ones(T, past + T, dtype=torch.bool, device=x.device).tril(past)
+        y = F.scaled_dot_product_attention(
+            q, k, v, attn_mask=attn_mask,
+            is_causal=attn_mask is None and past == 0 and T > 1,
+            dropout_p=self.dropout if self.training else 0.0,
+        )
+        return self.proj(y.transpose(1, 2).reshape(B, T, -1))
+
+
+class MLP(nn.Module):
+    """GELU: proj(gelu(fc x)).  SwiGLU: proj(silu(gate x) * (up x)), gate and up fused in fc."""
+
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.swiglu = cfg.mlp == "swiglu"
+        n_in = 2 * cfg.d_ff if self.swiglu else cfg.d_ff
+        self.fc = nn.Linear(cfg.d_model, n_in, bias=cfg.bias)
+        self.proj = nn.Linear(cfg.d_ff, cfg.d_model, bias=cfg.bias)
+        self.dropout = nn.Dropout(cfg.dropout)
+
+    def forward(self, x):
+        h = self.fc(x)
+        if self.swiglu:
+            gate, up = h.chunk(2, dim=-1)
+            h = F.silu(gate) * up
+        else:
+            h = F.gelu(h, approximate="tanh")  # GPT-2's "gelu_new"
+        return self.dropout(self.proj(h))
+
+
+class Block(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.norm1 = make_norm(cfg)
+        self.attn = Attention(cfg)
+        self.norm2 = make_norm(cfg)
+        self.mlp = MLP(cfg)
+        self.dropout = nn.Dropout(cfg.dropout)
+
+    def forward(self, x, rope=None, cache=None, layer=0, attn_mask=None):
+        x = x + self.dropout(self.attn(self.norm1(x), rope, cache, layer, attn_mask))
+        return x + self.mlp(self.norm2(x))
+
+
+# ---------------------------------------------------------------- the model
+
+class Transformer(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.cfg = cfg
+        self.tok_emb = nn.Embedding(cfg.vocab_size, cfg.d_model)
+        self.pos_emb = nn.Embedding(cfg.max_seq_len, cfg.d_model) if cfg.pos_emb == "learned" else None
+        self.drop = nn.Dropout(cfg.dropout)
+        self.blocks = nn.ModuleList(Block(cfg) for _ in range(cfg.n_layer))
+        self.norm = make_norm(cfg)
+        self.lm_head = nn.Linear(cfg.d_model, cfg.vocab_size, bias=False)
+        if cfg.tie_embeddings:
+            self.lm_head.weight = self.tok_emb.weight
+        if cfg.pos_emb == "rope":
+            self.register_buffer("inv_freq", rope_inv_freq(cfg), persistent=False)
+        self.reset_parameters()
+
+    @torch.no_grad()
+    def reset_parameters(self) -> None:
+        """GPT-2 init: N(0, 0.02), zero biases, unit norms; residual projections / √(2·n_layer)."""
+        std = self.cfg.init_std
+        for name, m in self.named_modules():
+            if isinstance(m, (nn.Linear, nn.Embedding)):
+                # the two Linears that write into the residual stream, scaled so its variance
+                # does not grow with depth
+                scale = 1 / math.sqrt(2 * self.cfg.n_layer) if name.endswith("proj") else 1.0
+                nn.init.normal_(m.weight, 0.0, std * scale)
+                if getattr(m, "bias", None) is not None:
+                    nn.init.zeros_(m.bias)
+            elif isinstance(m, (nn.LayerNorm, RMSNorm)):
+                nn.init.ones_(m.weight)
+                if getattr(m, "bias", None) is not None:
+                    nn.init.zeros_(m.bias)
+
+    def rope_cos_sin(self, positions: torch.Tensor, dtype: torch.dtype):
+        """cos, sin of shape (T, head_dim) for the given absolute positions."""
+        angles = positions.float()[:, None] * self.inv_freq[None, :]
+        angles = torch.cat((angles, angles), dim=-1)
+        return angles.cos().to(dtype), angles.sin().to(dtype)
+
+    def forward(self, input_ids: torch.Tensor, cache: KVCache | None = None,
+                attn_mask: torch.Tensor | None = None, return_hidden: bool = False):
+        """Logits (B, T, vocab) for token ids (B, T).
+
+        With `cache`, the ids continue the cached positions and the cache advances.
+        `attn_mask` (bool, broadcastable to (B, H, T, past+T); True = may attend)
+        overrides the causal mask, e.g. for left-padded batches.
+        """
+        B, T = input_ids.shape
+        start = cache.pos if cache is not None else 0
+        if start + T > self.cfg.max_seq_len and self.pos_emb is not None:
+            raise ValueError(f"sequence of {start + T} tokens > max_seq_len {self.cfg.max_seq_len}")
+        positions = torch.arange(start, start + T, device=input_ids.device)
+        x = self.tok_emb(input_ids)
+        rope = None
+        if self.pos_emb is not None:
+            x = x + self.pos_emb(positions)
+        else:
+            rope = self.rope_cos_sin(positions, x.dtype)
+        x = self.drop(x)
+        for i, block in enumerate(self.blocks):
+            x = block(x, rope, cache, i, attn_mask)
+        if cache is not None:
+            cache.pos += T
+        x = self.norm(x)
+        return x if return_hidden else self.lm_head(x)
+
+    def num_params(self) -> int:
+        return sum(p.numel() for p in self.parameters())
