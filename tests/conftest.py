@@ -1,0 +1,54 @@
+"""Shared fixtures: a small tokenizer trained once per session on real text.
+
+The text is the running Python's standard library source plus Chinese prose,
+so tests need no downloads and see code, English and Chinese.
+"""
+
+from __future__ import annotations
+
+import sysconfig
+from pathlib import Path
+
+import pytest
+import torch
+
+CHINESE = [
+    "语言模型通过预测下一个词来学习语言的规律。",
+    "我们从零开始训练一个字节级的分词器，它可以无损地编码任何文本。",
+    "注意力机制让每个位置都能看到前面所有的位置，这就是因果掩码的作用。",
+    "数据的质量决定了模型的上限，清洗和去重是预训练中最重要的步骤之一。",
+    "北京、上海和深圳的天气今天都很好，适合出门散步。",
+]
+
+
+def stdlib_texts(limit: int = 60) -> list[str]:
+    root = Path(sysconfig.get_paths()["stdlib"])
+    files = sorted(root.glob("*.py"))[:limit]
+    return [f.read_text(encoding="utf-8", errors="replace") for f in files]
+
+
+@pytest.fixture(scope="session")
+def corpus_texts() -> list[str]:
+    return stdlib_texts() + CHINESE * 200
+
+
+@pytest.fixture(scope="session")
+def tokenizer_dir(tmp_path_factory, corpus_texts):
+    from lmlab.tokenizer import train_tokenizer
+
+    out = tmp_path_factory.mktemp("tokenizer")
+    train_tokenizer(corpus_texts, vocab_size=2048).save(out)
+    return out
+
+
+@pytest.fixture(scope="session")
+def tokenizer(tokenizer_dir):
+    from lmlab.tokenizer import Tokenizer
+
+    return Tokenizer.load(tokenizer_dir)
+
+
+@pytest.fixture(autouse=True)
+def _deterministic():
+    torch.manual_seed(0)
+    yield
