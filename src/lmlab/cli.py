@@ -126,6 +126,117 @@ def cmd_data_prepare(a) -> int:
     return 0
 
 
+# ------------------------------------------------------------------ training
+
+class TrainingDisplay:
+    """Turns the trainer's events into a progress bar with ETA and log lines."""
+
+    def __init__(self):
+        self.bar = progress_bar(total=1)
+        self.task = None
+        self.max_seconds = None
+
+    def __enter__(self):
+        self.bar.__enter__()
+        return self
+
+    def __exit__(self, *exc):
+        self.bar.__exit__(*exc)
+
+    def __call__(self, event: str, d: dict) -> None:
+        if event == "start":
+            self.max_seconds = d["max_seconds"]
+            total = 1000 if self.max_seconds else d["max_steps"]
+            self.task = self.bar.add_task("training", total=total, completed=0, info="")
+        elif event == "log" and self.task is not None:
+            if self.max_seconds:
+                done = min(1000, max(d["step"] / 1e9, d["elapsed"] / self.max_seconds) * 1000)
+            else:
+                done = d["step"]
+            self.bar.update(self.task, completed=done,
+                            info=f"step {d['step']} loss {d['train_loss']:.3f} "
+                                 f"{d['tokens_per_sec']:,.0f} tok/s")
+        elif event == "eval":
+            self.bar.console.print(
+                f"step {d['step']}: val loss {d.get('val_loss', float('nan')):.4f}  "
+                f"ppl {d.get('val_ppl', float('nan')):.1f}  bpb {d.get('val_bpb', float('nan')):.4f}")
+        elif event == "checkpoint":
+            self.bar.console.print(f"[dim]checkpoint {d['path']}[/dim]")
+        elif event == "stage":
+            self.bar.console.print(f"[bold cyan]▶ {d['name']}[/bold cyan]")
+
+
+def _fit_rows(r) -> list[tuple[str, object]]:
+    f = r.fit
+    rows = [("status", f.status), ("steps", f.step), ("parameters", r.params),
+            ("tokens seen", f.tokens_seen), ("train seconds", f"{f.seconds:.0f}"),
+            ("tokens/s", f"{f.tokens_seen / max(f.seconds, 1e-9):,.0f}"), ("MFU", f"{f.mfu:.1%}"),
+            ("train loss", f"{f.last_train_loss:.4f}")]
+    for k in ("val_loss", "val_ppl", "val_bpb"):
+        if k in f.val:
+            rows.append((k.replace("_", " "), f"{f.val[k]:.4f}"))
+    if f.skipped_steps:
+        rows.append(("skipped steps (non-finite)", f.skipped_steps))
+    rows.append(("model directory", str(r.run_dir)))
+    if r.loss_png:
+        rows.append(("loss curve", str(r.loss_png)))
+    return rows
+
+
+def _interrupted_hint(status: str, resume_cmd: str) -> None:
+    if status.startswith("interrupted"):
+        console.print(f"[yellow]{status}: checkpoint saved.[/yellow] Resume with:\n  {resume_cmd}")
+
+
+@command("pretrain")
+def cmd_pretrain(a) -> int:
+    from lmlab.config import PretrainConfig, config_from_dict
+    from lmlab.train.pretrain import pretrain
+
+    cfg = config_from_dict(PretrainConfig, a.as_dict())
+    is_main = int(__import__("os").environ.get("RANK", "0")) == 0
+    with (TrainingDisplay() if is_main else _Quiet()) as display:
+        r = pretrain(cfg, callback=display)
+    if is_main:
+        out.print(summary_table("pretraining", _fit_rows(r)))
+        _interrupted_hint(r.fit.status, f"lmlab pretrain {' '.join(sys.argv[2:])} --resume true"
+                          if "--resume" not in sys.argv else " ".join(sys.argv))
+    return 0
+
+
+class _Quiet:
+    def __enter__(self):
+        return lambda event, data: None
+
+    def __exit__(self, *exc):
+        return False
+
+
+@command("quickstart")
+def cmd_quickstart(a) -> int:
+    from lmlab.quickstart import quickstart
+
+    with TrainingDisplay() as display:
+        s = quickstart(corpus=a.corpus, minutes=a.minutes, out=a.out, device=a.device,
+                       callback=display)
+    rows = [("parameters", s["params"]), ("tokens seen", s["tokens_seen"]),
+            ("tokens/s", f"{s['tokens_per_sec']:,.0f}"), ("MFU", f"{s['mfu']:.1%}"),
+            ("val loss", f"{s['val_loss']:.4f}"),
+            ("val bits per byte", f"{s['val_bpb']:.4f}"),
+            ("xz -9e bits per byte", f"{s['xz_bpb']:.4f}"),
+            ("model vs xz", f"{s['xz_bpb'] / s['val_bpb']:.2f}× fewer bits"
+             if s["val_bpb"] < s["xz_bpb"] else f"{s['val_bpb'] / s['xz_bpb']:.2f}× more bits"),
+            ("model directory", s["model_dir"])]
+    out.print(summary_table(f"quickstart ({s['status']}, {s['total_seconds'] / 60:.1f} min)", rows))
+    for sample in s["samples"]:
+        out.rule(style="dim")
+        out.print(sample, markup=False, highlight=False)
+    out.rule(style="dim")
+    out.print(f"next: lmlab generate --model {s['model_dir']} --prompt 'def '")
+    _interrupted_hint(s["status"], f"lmlab quickstart --out {a.out}")
+    return 0
+
+
 # ------------------------------------------------------------------ Hugging Face
 
 @command("export-hf")
@@ -193,6 +304,30 @@ def build_parser() -> ArgumentParser:
     e.add_argument("model", type=str, help="lmlab model directory")
     e.add_argument("out", type=str)
     sub.add_subcommand("export-hf", e, help="write a Hugging Face transformers directory")
+
+    from jsonargparse import ActionConfigFile
+
+    from lmlab.config import PretrainConfig
+
+    pt = ArgumentParser(description="Pretrain a Transformer on token shards (the one training loop).\n\n"
+                                    "example: lmlab pretrain --config configs/small.yaml "
+                                    "--train.max_steps 2000\n"
+                                    "   DDP:  torchrun --nproc_per_node 2 -m lmlab.cli pretrain "
+                                    "--config configs/small.yaml")
+    pt.add_argument("--config", action=ActionConfigFile, help="YAML file of the fields below")
+    pt.add_class_arguments(PretrainConfig, nested_key=None, fail_untyped=True)
+    sub.add_subcommand("pretrain", pt, help="pretrain a model on token shards")
+
+    q = ArgumentParser(description="Train a tokenizer, prepare shards and pretrain a small model on "
+                                   "the Python standard library (or your corpus) in a few minutes; "
+                                   "compare its bits per byte with xz.\n\n"
+                                   "example: lmlab quickstart --minutes 8 --out runs/quickstart")
+    q.add_argument("--corpus", type=str | None, nargs="+", default=None,
+                   help="files/directories (default: the Python standard library source)")
+    q.add_argument("--minutes", type=float, default=8.0, help="training time budget")
+    q.add_argument("--out", type=str, default="runs/quickstart")
+    q.add_argument("--device", type=str, default="auto")
+    sub.add_subcommand("quickstart", q, help="the whole pipeline in one bounded run")
 
     i = ArgumentParser(description="Convert a local Hugging Face GPT-2/LLaMA/Qwen2/Mistral "
                                    "directory to an lmlab model directory.\n\n"

@@ -97,6 +97,17 @@ class Tokenizer:
     def token_id(self, token: str) -> int:
         return self._id(token)
 
+    def token_byte_lengths(self) -> list[int]:
+        """UTF-8 bytes each token id stands for (0 for special tokens), for bits per byte.
+
+        In byte-level BPE every character of a vocabulary entry stands for one byte.
+        """
+        special = {t.content for t in self.hf.get_added_tokens_decoder().values()}
+        lengths = [0] * self.vocab_size
+        for token, i in self.hf.get_vocab(with_added_tokens=True).items():
+            lengths[i] = 0 if token in special else len(token)
+        return lengths
+
     def apply_chat_template(self, messages: list[dict], add_generation_prompt: bool = False) -> str:
         """ChatML text for a list of {"role", "content"} messages (same as CHAT_TEMPLATE)."""
         text = "".join(f"{IM_START}{m['role']}\n{m['content']}{IM_END}\n" for m in messages)

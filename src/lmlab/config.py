@@ -1,0 +1,95 @@
+"""Typed run configurations: dataclasses, loaded from YAML and overridden on the command line.
+
+`lmlab pretrain --config configs/small.yaml --train.lr 1e-3 --model.n_layer 4`
+is parsed by jsonargparse straight into these dataclasses, so every field is
+checked against its type and every run writes its resolved config
+(`config.yaml`) next to its outputs.
+
+`ModelSpec` is a model preset plus optional overrides of any `ModelConfig`
+field; it is generated from `ModelConfig` so the two never drift apart.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import typing
+from dataclasses import dataclass, field
+from typing import Literal, Optional
+
+import yaml
+
+from lmlab.model.config import ModelConfig, preset
+
+
+def _model_spec_class():
+    # every ModelConfig field, optional: None means "as in the preset"
+    hints = typing.get_type_hints(ModelConfig)
+    fields = [("preset", str, field(default="small"))]
+    fields += [(f.name, Optional[hints[f.name]], field(default=None))
+               for f in dataclasses.fields(ModelConfig)]
+    return dataclasses.make_dataclass("ModelSpec", fields, namespace={
+        "__doc__": "A named preset (`tiny`, `small`, `gpt2-124m`, `llama-*`) and overrides of its fields.",
+        "build": lambda self, **defaults: preset(self.preset, **{
+            **defaults, **{k: v for k, v in dataclasses.asdict(self).items()
+                           if k != "preset" and v is not None}}),
+    })
+
+
+ModelSpec = _model_spec_class()
+ModelSpec.__module__ = __name__
+
+
+@dataclass
+class TrainConfig:
+    """The training loop's settings, shared by every task (pretraining, SFT, ...)."""
+
+    batch_size: int = 16  # sequences per micro-batch per process
+    grad_accum: int = 1  # micro-batches per optimizer step
+    max_steps: int = 1000
+    max_minutes: Optional[float] = None  # also stop (and finish the schedule) by wall time
+    lr: float = 1e-3
+    min_lr_ratio: float = 0.1  # cosine decays to lr·min_lr_ratio
+    warmup_steps: int = 50
+    weight_decay: float = 0.1
+    beta1: float = 0.9
+    beta2: float = 0.95
+    grad_clip: float = 1.0  # max global gradient norm; 0 disables clipping
+    eval_every: int = 200  # steps between validation passes (0: only at the end)
+    eval_tokens: int = 131072  # validation tokens per pass (0: the whole split)
+    log_every: int = 10
+    checkpoint_every: int = 500  # 0: only at the end
+    keep_checkpoints: int = 2
+    seed: int = 1337
+    device: str = "auto"  # auto | cpu | cuda | cuda:1 | mps
+    precision: Literal["auto", "bf16", "fp16", "fp32"] = "auto"
+    compile: bool = False  # torch.compile the model
+    nonfinite: Literal["stop", "skip"] = "stop"  # on a NaN/inf loss or gradient
+
+
+@dataclass
+class PretrainConfig:
+    data: str = "data/shards"  # token-shard directory (lmlab data prepare)
+    tokenizer: Optional[str] = None  # default: the shard directory's tokenizer/ (if it has one)
+    out_dir: str = "runs/pretrain"
+    seq_len: Optional[int] = None  # default: model.max_seq_len
+    resume: bool = False  # continue from the newest checkpoint in out_dir
+    model: ModelSpec = field(default_factory=ModelSpec)
+    train: TrainConfig = field(default_factory=TrainConfig)
+
+
+def to_yaml(cfg) -> str:
+    return yaml.safe_dump(dataclasses.asdict(cfg), sort_keys=False, allow_unicode=True)
+
+
+def config_from_dict(cls, d: dict):
+    """Build dataclass `cls` from a (parsed) nested dict, recursing into dataclass fields."""
+    hints = typing.get_type_hints(cls)
+    kwargs = {}
+    for f in dataclasses.fields(cls):
+        if f.name not in d:
+            continue
+        v = d[f.name]
+        if dataclasses.is_dataclass(hints[f.name]) and isinstance(v, dict):
+            v = config_from_dict(hints[f.name], v)
+        kwargs[f.name] = v
+    return cls(**kwargs)

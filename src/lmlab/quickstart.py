@@ -1,0 +1,161 @@
+"""The main job: raw text to a trained, measured model in one bounded run.
+
+    corpus ─► tokenizer (byte-level BPE) ─► token shards (2 % held out) ─► pretrain (M minutes)
+           ─► held-out loss and bits per byte, beside what `xz -9e` achieves on the same bytes
+
+The default corpus is on every machine that runs lmlab: the running Python's
+standard library source (~11 MB of real code, docstrings and prose), without
+its test suites. Bits per byte is the honest yardstick here: a model that
+predicts the next byte better than xz's dictionary coder has learned something
+about code beyond repetition.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import lzma
+import sysconfig
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from lmlab.config import ModelSpec, PretrainConfig, TrainConfig
+from lmlab.data.shards import TokenShards, atomic_write_text, read_meta
+from lmlab.tokenizer import Tokenizer
+from lmlab.train.distributed import pick_device
+
+log = logging.getLogger(__name__)
+
+SAMPLE_PROMPTS = ["def ", "import os\n\n\nclass ", '"""']
+_TEST_DIRS = {"test", "tests", "idle_test", "site-packages", "dist-packages", "__pycache__"}
+
+
+def stdlib_files() -> list[str]:
+    """The standard library's .py files, leaving out its test suites."""
+    root = Path(sysconfig.get_paths()["stdlib"])
+    files = []
+    for p in sorted(root.rglob("*.py")):
+        parts = p.relative_to(root).parts
+        if _TEST_DIRS & set(parts[:-1]) or parts[-1].startswith("test_"):
+            continue
+        files.append(str(p))
+    return files
+
+
+def xz_bits_per_byte(data: bytes) -> float:
+    """What xz -9e (LZMA2, preset 9 | EXTREME) spends per byte of `data`."""
+    packed = lzma.compress(data, format=lzma.FORMAT_XZ, preset=9 | lzma.PRESET_EXTREME)
+    return 8 * len(packed) / max(1, len(data))
+
+
+def split_text_bytes(shard_dir: str | Path, tokenizer: Tokenizer, split: str = "val") -> bytes:
+    """The UTF-8 text of a split's documents (EOS separators dropped): what bpb is measured on."""
+    tokens = TokenShards(shard_dir, split).slice(0, len(TokenShards(shard_dir, split)))
+    eos = np.flatnonzero(tokens == tokenizer.eos_id)
+    docs, start = [], 0
+    for end in eos:
+        docs.append(tokenizer.decode(tokens[start:end].tolist()))
+        start = end + 1
+    return "".join(docs).encode("utf-8")
+
+
+@dataclass
+class QuickstartPlan:
+    """Sizes for the device at hand: a small model on CPU, a larger one on a GPU."""
+
+    vocab_size: int
+    model: ModelSpec
+    batch_size: int
+    grad_accum: int
+    lr: float
+    seq_len: int
+
+
+def plan_for(device: torch.device) -> QuickstartPlan:
+    if device.type == "cuda":
+        return QuickstartPlan(8192, ModelSpec(preset="gpt2-124m", vocab_size=8192, max_seq_len=512),
+                              batch_size=32, grad_accum=1, lr=1.5e-3, seq_len=512)
+    return QuickstartPlan(4096, ModelSpec(preset="small", d_model=256, n_head=4, n_layer=6,
+                                          max_seq_len=256),
+                          batch_size=16, grad_accum=1, lr=3e-3, seq_len=256)
+
+
+def quickstart(corpus: list[str] | None = None, minutes: float = 8.0, out: str = "runs/quickstart",
+               device: str = "auto", workers: int | None = None, callback=None) -> dict:
+    """Run the whole pipeline; return (and write to OUT/summary.json) the figures."""
+    from lmlab.data.prepare import prepare
+    from lmlab.data.sources import iter_documents
+    from lmlab.infer.generate import generate_text
+    from lmlab.tokenizer import train_tokenizer
+    from lmlab.train.pretrain import pretrain
+
+    cb = callback or (lambda event, data: None)
+    out_dir = Path(out)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    inputs = corpus or stdlib_files()
+    plan = plan_for(pick_device(device))
+    t_start = time.time()
+
+    tok_dir, shard_dir = out_dir / "tokenizer", out_dir / "shards"
+    cb("stage", {"name": "tokenizer", "inputs": len(inputs)})
+    if not (tok_dir / "tokenizer.json").is_file():
+        texts = (d.text for d in iter_documents(inputs))
+        train_tokenizer(texts, plan.vocab_size).save(tok_dir)
+    tokenizer = Tokenizer.load(tok_dir)
+
+    cb("stage", {"name": "shards"})
+    if not (shard_dir / "meta.json").is_file() or read_meta(shard_dir)["tokenizer_hash"] != tokenizer.hash:
+        prepare(inputs, tok_dir, shard_dir, val_fraction=0.02, workers=workers)
+    meta = read_meta(shard_dir)
+
+    spent = (time.time() - t_start) / 60
+    cfg = PretrainConfig(
+        data=str(shard_dir), tokenizer=str(tok_dir), out_dir=str(out_dir),
+        seq_len=plan.seq_len, model=plan.model,
+        train=TrainConfig(batch_size=plan.batch_size, grad_accum=plan.grad_accum,
+                          max_steps=1_000_000, max_minutes=max(0.2, minutes), lr=plan.lr,
+                          warmup_steps=100, eval_every=0, eval_tokens=0, log_every=10,
+                          checkpoint_every=0, keep_checkpoints=1, device=device),
+    )
+    model_dir = out_dir  # the output directory is itself a model directory
+    if (model_dir / "checkpoints").is_dir():  # a finished or interrupted earlier quickstart
+        cfg.resume = True
+    cb("stage", {"name": "pretrain", "minutes": minutes, "data_minutes": spent})
+    result = pretrain(cfg, callback=callback)
+
+    val_bytes = split_text_bytes(shard_dir, tokenizer, "val")
+    cb("stage", {"name": "xz", "bytes": len(val_bytes)})
+    xz = xz_bits_per_byte(val_bytes)
+
+    from lmlab.model_io import load_model_dir
+
+    model = load_model_dir(model_dir).eval()
+    samples = [p + generate_text(model, tokenizer, p, max_new_tokens=80, temperature=0.8,
+                                 top_k=50, seed=i) for i, p in enumerate(SAMPLE_PROMPTS)]
+    fit = result.fit
+    summary = {
+        "params": result.params,
+        "tokens_seen": fit.tokens_seen,
+        "tokens_per_sec": fit.tokens_seen / fit.seconds if fit.seconds else 0.0,
+        "mfu": fit.mfu,
+        "val_loss": fit.val.get("val_loss"),
+        "val_bpb": fit.val.get("val_bpb"),
+        "xz_bpb": xz,
+        "train_loss": fit.last_train_loss,
+        "steps": fit.step,
+        "status": fit.status,
+        "train_seconds": fit.seconds,
+        "total_seconds": time.time() - t_start,
+        "device": str(pick_device(device)),
+        "corpus_documents": meta["documents"],
+        "corpus_tokens": meta["tokens"],
+        "val_bytes": len(val_bytes),
+        "model_dir": str(model_dir),
+        "samples": samples,
+    }
+    atomic_write_text(out_dir / "summary.json", json.dumps(summary, indent=2, ensure_ascii=False))
+    return summary

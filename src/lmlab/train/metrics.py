@@ -1,0 +1,119 @@
+"""What a run records: metrics.jsonl, TensorBoard events, a loss-curve PNG, and MFU.
+
+MFU (model FLOPs utilisation) = achieved model FLOPs/s ÷ peak FLOPs/s of the
+device. There is no spec sheet for a CPU, so the peak is *measured*: a large
+matmul in the training dtype, timed for a fraction of a second. On a GPU the
+same measurement comes close to the vendor's dense figure.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+import time
+from functools import lru_cache
+from pathlib import Path
+
+import torch
+
+log = logging.getLogger(__name__)
+
+
+@lru_cache(maxsize=None)
+def measured_peak_flops(device_type: str, dtype: torch.dtype = torch.float32,
+                        n: int = 2048, seconds: float = 0.4) -> float:
+    """FLOP/s of an n×n matmul in `dtype` on this device (best of a short timed loop)."""
+    dev = torch.device(device_type)
+    a = torch.randn(n, n, device=dev, dtype=dtype)
+    b = torch.randn(n, n, device=dev, dtype=dtype)
+    sync = torch.cuda.synchronize if dev.type == "cuda" else (lambda: None)
+    a @ b
+    sync()
+    best, t_end = 0.0, time.perf_counter() + seconds
+    while time.perf_counter() < t_end:
+        t0 = time.perf_counter()
+        a @ b
+        sync()
+        best = max(best, 2 * n**3 / (time.perf_counter() - t0))
+    return best
+
+
+def bits_per_byte(loss_nats_sum: float, n_bytes: int) -> float:
+    """Total cross-entropy in nats over the text's UTF-8 bytes, in bits: sum / (ln 2 · bytes)."""
+    return loss_nats_sum / (math.log(2) * max(1, n_bytes))
+
+
+class MetricsLog:
+    """Appends one JSON object per line; mirrors scalars to TensorBoard when it is installed."""
+
+    def __init__(self, run_dir: str | os.PathLike, enabled: bool = True, tensorboard: bool = True):
+        self.run_dir = Path(run_dir)
+        self.enabled = enabled
+        self.path = self.run_dir / "metrics.jsonl"
+        self.tb = None
+        if enabled and tensorboard:
+            try:
+                from torch.utils.tensorboard import SummaryWriter
+
+                self.tb = SummaryWriter(str(self.run_dir / "tensorboard"))
+            except ImportError:
+                log.info("tensorboard not installed; skipping TensorBoard events")
+
+    def write(self, record: dict) -> None:
+        if not self.enabled:
+            return
+        with open(self.path, "a", encoding="utf-8") as f:
+            f.write(json.dumps(record) + "\n")
+        if self.tb is not None:
+            step = record.get("step", 0)
+            for k, v in record.items():
+                if k != "step" and isinstance(v, (int, float)) and math.isfinite(v):
+                    self.tb.add_scalar(k, v, step)
+
+    def truncate_after(self, step: int) -> None:
+        """On resume, forget records past the checkpoint so the log reads as one run."""
+        if not (self.enabled and self.path.is_file()):
+            return
+        keep = [line for line in self.path.read_text(encoding="utf-8").splitlines()
+                if line.strip() and json.loads(line).get("step", 0) <= step]
+        self.path.write_text("".join(line + "\n" for line in keep), encoding="utf-8")
+
+    def close(self) -> None:
+        if self.tb is not None:
+            self.tb.close()
+
+
+def read_metrics(path: str | os.PathLike) -> list[dict]:
+    p = Path(path)
+    return [json.loads(x) for x in p.read_text(encoding="utf-8").splitlines() if x.strip()]
+
+
+def plot_loss_curve(metrics_path: str | os.PathLike, out_png: str | os.PathLike) -> Path | None:
+    """Train and validation loss against step, as a PNG (None if matplotlib is missing)."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        log.info("matplotlib not installed; no loss-curve PNG")
+        return None
+    rows = read_metrics(metrics_path)
+    train = [(r["step"], r["train_loss"]) for r in rows if "train_loss" in r]
+    val = [(r["step"], r["val_loss"]) for r in rows if "val_loss" in r]
+    fig, ax = plt.subplots(figsize=(7, 4), dpi=120)
+    if train:
+        ax.plot(*zip(*train), label="train", lw=1)
+    if val:
+        ax.plot(*zip(*val), "o-", label="validation", lw=1.5, ms=3)
+    ax.set_xlabel("step")
+    ax.set_ylabel("cross-entropy (nats / token)")
+    ax.set_title("loss")
+    ax.grid(alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(out_png)
+    plt.close(fig)
+    return Path(out_png)

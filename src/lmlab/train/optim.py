@@ -1,0 +1,58 @@
+"""AdamW with decay / no-decay groups, and the warmup + cosine learning-rate schedule.
+
+Weight decay shrinks weights toward zero each step (decoupled from the gradient,
+Loshchilov & Hutter 2019). It is applied to the matrices that multiply
+activations and not to biases or norm gains, whose scale is meaningful as it
+is: decaying a LayerNorm gain only fights the normalisation.
+"""
+
+from __future__ import annotations
+
+import inspect
+import logging
+import math
+
+import torch
+from torch import nn
+
+log = logging.getLogger(__name__)
+
+
+def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
+    decay, no_decay, seen = [], [], set()
+    for p in model.parameters():
+        if not p.requires_grad or id(p) in seen:  # tied weights appear once
+            continue
+        seen.add(id(p))
+        (decay if p.dim() >= 2 else no_decay).append(p)
+    return [
+        {"params": decay, "weight_decay": weight_decay},
+        {"params": no_decay, "weight_decay": 0.0},
+    ]
+
+
+def build_adamw(model: nn.Module, lr: float, weight_decay: float, betas=(0.9, 0.95),
+                eps: float = 1e-8) -> torch.optim.AdamW:
+    """AdamW, fused into one kernel per step where this torch build supports it."""
+    groups = param_groups(model, weight_decay)
+    fused_ok = "fused" in inspect.signature(torch.optim.AdamW).parameters
+    if fused_ok:
+        try:
+            return torch.optim.AdamW(groups, lr=lr, betas=betas, eps=eps, fused=True)
+        except (RuntimeError, ValueError) as e:  # e.g. fused unsupported on this device/dtype
+            log.info("fused AdamW unavailable (%s); using foreach", e)
+    return torch.optim.AdamW(groups, lr=lr, betas=betas, eps=eps)
+
+
+def cosine_with_warmup(progress_step: float, warmup_steps: int, total_steps: int,
+                       min_ratio: float = 0.1) -> float:
+    """Multiplier of the peak learning rate: linear warmup, then cosine decay to `min_ratio`.
+
+    lr(t) = t / warmup                                      for t < warmup
+    lr(t) = min + (1 - min) · ½(1 + cos(π · (t - warmup) / (total - warmup)))   after
+    """
+    if progress_step < warmup_steps:
+        return (progress_step + 1) / (warmup_steps + 1)
+    span = max(1, total_steps - warmup_steps)
+    frac = min(1.0, (progress_step - warmup_steps) / span)
+    return min_ratio + (1 - min_ratio) * 0.5 * (1 + math.cos(math.pi * frac))

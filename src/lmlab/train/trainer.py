@@ -1,0 +1,275 @@
+"""The one training loop of lmlab.
+
+A task says what a batch is and what the loss is; `Trainer` does everything
+else, the same way for every task:
+
+    for each step:
+        lr ← peak · warmup(step) · cosine(progress)
+        for each micro-batch:  loss = task.loss(model, batch) / accum;  loss.backward()
+        clip the gradient norm; stop (or skip) if it is not finite
+        optimizer step
+        every k steps: log · validate · checkpoint
+    on Ctrl-C / SIGTERM: checkpoint, then return so the run can be resumed
+
+A task implements:
+
+    train_batch(step, micro, accum, rank, world) -> batch   (a pure function of its arguments)
+    loss(model, batch) -> scalar tensor (mean over the batch)
+    val_batches(rank, world) -> iterable of batches
+    eval_sums(model, batch) -> dict of sums, e.g. {"loss_sum": .., "tokens": ..}
+    eval_metrics(sums) -> dict, e.g. {"val_loss": .., "val_bpb": ..}
+    tokens_per_step(accum, world) -> int        (for tokens/s and MFU)
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import signal
+import threading
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Protocol
+
+import torch
+from safetensors.torch import load_file
+from torch import nn
+
+from lmlab.config import TrainConfig
+from lmlab.errors import LmlabError
+from lmlab.model_io import WEIGHTS_FILE, load_state_dict_strict
+from lmlab.train import checkpoint as ckpt
+from lmlab.train.distributed import (Dist, all_reduce_sum, autocast, autocast_dtype,
+                                     broadcast_floats, no_sync, wrap_ddp)
+from lmlab.train.metrics import MetricsLog, measured_peak_flops
+from lmlab.train.optim import build_adamw, cosine_with_warmup
+
+log = logging.getLogger(__name__)
+
+
+class NonFiniteError(LmlabError):
+    """The loss or gradient became NaN/inf."""
+
+
+class Task(Protocol):
+    def train_batch(self, step: int, micro: int, accum: int, rank: int, world: int) -> Any: ...
+    def loss(self, model: nn.Module, batch: Any) -> torch.Tensor: ...
+    def val_batches(self, rank: int, world: int): ...
+    def eval_sums(self, model: nn.Module, batch: Any) -> dict[str, float]: ...
+    def eval_metrics(self, sums: dict[str, float]) -> dict[str, float]: ...
+    def tokens_per_step(self, accum: int, world: int) -> int: ...
+
+
+@dataclass
+class FitResult:
+    step: int
+    status: str  # "finished" | "time limit" | "interrupted (SIGINT)" | ...
+    tokens_seen: int
+    seconds: float
+    tokens_per_sec: float
+    mfu: float
+    last_train_loss: float
+    val: dict[str, float] = field(default_factory=dict)
+    checkpoint: str | None = None
+    skipped_steps: int = 0
+
+
+class Trainer:
+    """Runs `task` on `model` under `cfg`; writes metrics and checkpoints to `run_dir`.
+
+    `callback(event, data)` receives "start", "log", "eval", "checkpoint" events
+    (on the main process only); the CLI draws progress from them.
+    """
+
+    def __init__(self, model: nn.Module, task: Task, cfg: TrainConfig, run_dir: str | Path,
+                 dist: Dist, tokenizer_dir: str | None = None,
+                 callback: Callable[[str, dict], None] | None = None, flops_per_token: float = 0.0):
+        self.raw_model = model.to(dist.device)
+        self.task, self.cfg, self.dist = task, cfg, dist
+        self.run_dir = Path(run_dir)
+        self.tokenizer_dir = tokenizer_dir
+        self.callback = callback if (callback and dist.is_main) else (lambda e, d: None)
+        self.flops_per_token = flops_per_token
+        self.amp_dtype = autocast_dtype(cfg.precision, dist.device)
+        self.optimizer = build_adamw(self.raw_model, cfg.lr, cfg.weight_decay,
+                                     (cfg.beta1, cfg.beta2))
+        self.step = 0
+        self.train_seconds = 0.0  # accumulated over resumes, drives time-based schedules
+        self.skipped = 0
+        self.saved_step = -1
+        self._stop_signal: str | None = None
+        self.metrics = MetricsLog(self.run_dir, enabled=dist.is_main)
+
+    # ------------------------------------------------------------ state
+
+    def resume(self) -> Path | None:
+        """Load the newest complete checkpoint of run_dir, if any; return its path."""
+        path = ckpt.latest_checkpoint(self.run_dir)
+        if path is None:
+            return None
+        load_state_dict_strict(self.raw_model, load_file(str(path / WEIGHTS_FILE)), path)
+        state = ckpt.load_trainer_state(path)
+        self.optimizer.load_state_dict(state["optimizer"])
+        ckpt.restore_rng(state)
+        self.step = self.saved_step = state["step"]
+        self.train_seconds = state.get("train_seconds", 0.0)
+        self.skipped = state.get("skipped", 0)
+        self.metrics.truncate_after(self.step)
+        log.info("resumed from %s at step %d", path, self.step)
+        return path
+
+    def save(self) -> Path | None:
+        path = None
+        if self.dist.is_main:
+            path = ckpt.save_checkpoint(
+                self.run_dir, self.step, self.raw_model, self.optimizer,
+                {"train_seconds": self.train_seconds, "skipped": self.skipped},
+                tokenizer_dir=self.tokenizer_dir, keep_last=self.cfg.keep_checkpoints)
+            self.callback("checkpoint", {"step": self.step, "path": str(path)})
+        if self.dist.enabled:
+            torch.distributed.barrier()
+        self.saved_step = self.step
+        return path
+
+    # ------------------------------------------------------------ evaluation
+
+    @torch.no_grad()
+    def evaluate(self, model: nn.Module) -> dict[str, float]:
+        model.eval()
+        sums: dict[str, float] = {}
+        with autocast(self.dist.device, self.amp_dtype):
+            for batch in self.task.val_batches(self.dist.rank, self.dist.world):
+                for k, v in self.task.eval_sums(model, batch).items():
+                    sums[k] = sums.get(k, 0.0) + v
+        model.train()
+        keys = sorted(sums)
+        # every rank must join the all-reduce, even one that got no batches
+        keys = keys or ["loss_sum", "tokens"]
+        totals = all_reduce_sum([sums.get(k, 0.0) for k in keys], self.dist)
+        return self.task.eval_metrics(dict(zip(keys, totals)))
+
+    # ------------------------------------------------------------ the loop
+
+    def _on_signal(self, signum, frame):
+        name = signal.Signals(signum).name
+        if self._stop_signal is not None:  # a second Ctrl-C means now
+            raise KeyboardInterrupt
+        self._stop_signal = name
+        log.warning("%s received: finishing the current step, then saving a checkpoint", name)
+
+    def fit(self) -> FitResult:
+        cfg, d = self.cfg, self.dist
+        model = wrap_ddp(self.raw_model, d)
+        if cfg.compile:
+            model = torch.compile(model)
+        model.train()
+
+        handlers = {}
+        if threading.current_thread() is threading.main_thread():
+            for sig in (signal.SIGINT, signal.SIGTERM):
+                handlers[sig] = signal.signal(sig, self._on_signal)
+
+        peak = measured_peak_flops(d.device.type, self.amp_dtype or torch.float32) * d.world
+        tokens_per_step = self.task.tokens_per_step(cfg.grad_accum, d.world)
+        max_seconds = cfg.max_minutes * 60 if cfg.max_minutes else None
+        self.callback("start", {"step": self.step, "max_steps": cfg.max_steps,
+                                "max_seconds": max_seconds, "peak_flops": peak,
+                                "tokens_per_step": tokens_per_step})
+        status, val, loss_value = "finished", {}, float("nan")
+        window_t0, window_tokens, window_loss, window_n = time.perf_counter(), 0, 0.0, 0
+        last_ckpt = None
+        tok_s = mfu = 0.0
+        try:
+            while True:
+                progress = self.step / max(1, cfg.max_steps)
+                if max_seconds:
+                    progress = max(progress, self.train_seconds / max_seconds)
+                # rank 0 decides when to stop, so that all ranks stop at the same step
+                stop_time, stop_sig = broadcast_floats(
+                    [float(progress >= 1.0), float(self._stop_signal is not None)], d)
+                if self.step >= cfg.max_steps or stop_time:
+                    status = "finished" if self.step >= cfg.max_steps else "time limit"
+                    break
+                if stop_sig:
+                    status = f"interrupted ({self._stop_signal or 'signal'})"
+                    break
+
+                t0 = time.perf_counter()
+                lr = cfg.lr * cosine_with_warmup(self.step, cfg.warmup_steps, progress,
+                                                 cfg.min_lr_ratio)
+                for group in self.optimizer.param_groups:
+                    group["lr"] = lr
+                loss_sum = torch.zeros((), device=d.device)
+                for micro in range(cfg.grad_accum):
+                    batch = self.task.train_batch(self.step, micro, cfg.grad_accum, d.rank, d.world)
+                    with no_sync(model, micro < cfg.grad_accum - 1), \
+                            autocast(d.device, self.amp_dtype):
+                        loss = self.task.loss(model, batch) / cfg.grad_accum
+                    loss.backward()
+                    loss_sum += loss.detach()
+                grad_norm = torch.nn.utils.clip_grad_norm_(
+                    self.raw_model.parameters(), cfg.grad_clip if cfg.grad_clip > 0 else float("inf"))
+                gn = float(grad_norm)
+                if not (math.isfinite(gn) and math.isfinite(float(loss_sum))):
+                    if cfg.nonfinite == "stop":
+                        good = ckpt.latest_checkpoint(self.run_dir)
+                        raise NonFiniteError(
+                            f"step {self.step}: loss {float(loss_sum)} / gradient norm {gn} is not "
+                            f"finite; stopped without saving. Last good checkpoint: "
+                            f"{good or 'none'}. Lower train.lr, or set train.nonfinite=skip")
+                    self.optimizer.zero_grad(set_to_none=True)
+                    self.skipped += 1
+                    log.warning("step %d: non-finite loss/gradient, batch skipped", self.step)
+                else:
+                    self.optimizer.step()
+                    self.optimizer.zero_grad(set_to_none=True)
+                if d.device.type == "cuda":
+                    torch.cuda.synchronize()
+                self.step += 1
+                self.train_seconds += time.perf_counter() - t0
+                window_tokens += tokens_per_step
+                window_loss += float(loss_sum)
+                window_n += 1
+
+                if self.step % cfg.log_every == 0 or self.step == cfg.max_steps:
+                    (mean_loss,) = all_reduce_sum([window_loss / window_n], d)
+                    loss_value = mean_loss / d.world
+                    dt = time.perf_counter() - window_t0
+                    tok_s = window_tokens / dt
+                    mfu = tok_s * self.flops_per_token / peak if peak else 0.0
+                    rec = {"step": self.step, "train_loss": loss_value, "lr": lr,
+                           "grad_norm": gn, "tokens_per_sec": tok_s, "mfu": mfu,
+                           "tokens": self.step * tokens_per_step, "elapsed": self.train_seconds}
+                    self.metrics.write(rec)
+                    self.callback("log", rec)
+                    window_t0, window_tokens, window_loss, window_n = time.perf_counter(), 0, 0.0, 0
+
+                if cfg.eval_every and self.step % cfg.eval_every == 0 and self.step < cfg.max_steps:
+                    val = self._eval_and_log()
+                    window_t0 = time.perf_counter()  # validation time is not training throughput
+                if cfg.checkpoint_every and self.step % cfg.checkpoint_every == 0:
+                    last_ckpt = self.save()
+                    window_t0 = time.perf_counter()
+        finally:
+            for sig, h in handlers.items():
+                signal.signal(sig, h)
+
+        if not status.startswith("interrupted"):
+            val = self._eval_and_log()
+        if self.saved_step != self.step:  # decided alike on every rank: save() holds a barrier
+            last_ckpt = self.save()
+        self.metrics.close()
+        return FitResult(step=self.step, status=status,
+                         tokens_seen=self.step * tokens_per_step, seconds=self.train_seconds,
+                         tokens_per_sec=tok_s, mfu=mfu, last_train_loss=loss_value, val=val,
+                         checkpoint=str(last_ckpt) if last_ckpt else None,
+                         skipped_steps=self.skipped)
+
+    def _eval_and_log(self) -> dict[str, float]:
+        # the plain module: no DDP hooks or recompilation for eval mode are needed to score
+        val = self.evaluate(self.raw_model)
+        rec = {"step": self.step, **val}
+        self.metrics.write(rec)
+        self.callback("eval", rec)
+        return val
