@@ -44,15 +44,16 @@ def build_adamw(model: nn.Module, lr: float, weight_decay: float, betas=(0.9, 0.
     return torch.optim.AdamW(groups, lr=lr, betas=betas, eps=eps)
 
 
-def cosine_with_warmup(progress_step: float, warmup_steps: int, total_steps: int,
+def cosine_with_warmup(step: int, warmup_steps: int, progress: float,
                        min_ratio: float = 0.1) -> float:
-    """Multiplier of the peak learning rate: linear warmup, then cosine decay to `min_ratio`.
+    """Multiplier of the peak learning rate: a linear warmup times a cosine decay.
 
-    lr(t) = t / warmup                                      for t < warmup
-    lr(t) = min + (1 - min) · ½(1 + cos(π · (t - warmup) / (total - warmup)))   after
+        warmup(step)    = min(1, (step + 1) / (warmup_steps + 1))
+        cosine(p)       = min_ratio + (1 - min_ratio) · ½ (1 + cos(π p)),   p ∈ [0, 1]
+
+    `progress` p is the fraction of the run done: step / max_steps, or elapsed /
+    time budget for a run limited by minutes, whichever is further along.
     """
-    if progress_step < warmup_steps:
-        return (progress_step + 1) / (warmup_steps + 1)
-    span = max(1, total_steps - warmup_steps)
-    frac = min(1.0, (progress_step - warmup_steps) / span)
-    return min_ratio + (1 - min_ratio) * 0.5 * (1 + math.cos(math.pi * frac))
+    warmup = min(1.0, (step + 1) / (warmup_steps + 1))
+    p = min(1.0, max(0.0, progress))
+    return warmup * (min_ratio + (1 - min_ratio) * 0.5 * (1 + math.cos(math.pi * p)))
