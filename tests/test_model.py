@@ -93,3 +93,9 @@ def test_bad_configs_are_clear():
         preset("gpt5")
     with pytest.raises(ConfigError, match="unknown field"):
         ModelConfig.from_dict({"n_layers": 3})
+
+
+def test_rope_frequencies_stay_float32_under_bf16():
+    model = small("llama-gqa").to(torch.bfloat16)
+    assert model.inv_freq.dtype == torch.float32
+    assert model.blocks[0].attn.qkv.weight.dtype == torch.bfloat16

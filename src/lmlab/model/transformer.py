@@ -200,6 +200,14 @@ class Transformer(nn.Module):
             self.register_buffer("inv_freq", rope_inv_freq(cfg), persistent=False)
         self.reset_parameters()
 
+    def _apply(self, fn, recurse=True):
+        # .to(bfloat16) would round the RoPE frequencies too (0.7 rad of error at position
+        # 4000); keep them float32 whatever dtype the weights take
+        super()._apply(fn, recurse)
+        if self.cfg.pos_emb == "rope":
+            self.inv_freq = rope_inv_freq(self.cfg).to(self.inv_freq.device)
+        return self
+
     @torch.no_grad()
     def reset_parameters(self) -> None:
         """GPT-2 init: N(0, 0.02), zero biases, unit norms; residual projections / √(2·n_layer)."""

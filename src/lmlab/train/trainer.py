@@ -100,6 +100,10 @@ class Trainer:
         self.saved_step = -1
         self._stop_signal: str | None = None
         self.metrics = MetricsLog(self.run_dir, enabled=dist.is_main)
+        # what runs the steps: DDP and compilation are wrapped around the plain module
+        self.model = wrap_ddp(self.raw_model, dist)
+        if cfg.compile:
+            self.model = torch.compile(self.model)
 
     # ------------------------------------------------------------ state
 
@@ -158,12 +162,39 @@ class Trainer:
         self._stop_signal = name
         log.warning("%s received: finishing the current step, then saving a checkpoint", name)
 
+    def train_step(self, lr: float) -> tuple[float, float]:
+        """One optimizer step at learning rate `lr`: (mean loss, gradient norm before clipping)."""
+        cfg, d, model = self.cfg, self.dist, self.model
+        for group in self.optimizer.param_groups:
+            group["lr"] = lr
+        loss_sum = torch.zeros((), device=d.device)
+        for micro in range(cfg.grad_accum):
+            batch = self.task.train_batch(self.step, micro, cfg.grad_accum, d.rank, d.world)
+            with no_sync(model, micro < cfg.grad_accum - 1), autocast(d.device, self.amp_dtype):
+                loss = self.task.loss(model, batch) / cfg.grad_accum
+            loss.backward()
+            loss_sum += loss.detach()
+        grad_norm = torch.nn.utils.clip_grad_norm_(
+            self.raw_model.parameters(), cfg.grad_clip if cfg.grad_clip > 0 else float("inf"))
+        gn, loss_value = float(grad_norm), float(loss_sum)  # one device sync per step
+        if not (math.isfinite(gn) and math.isfinite(loss_value)):
+            if cfg.nonfinite == "stop":
+                good = ckpt.latest_checkpoint(self.run_dir)
+                raise NonFiniteError(
+                    f"step {self.step}: loss {loss_value} / gradient norm {gn} is not finite; "
+                    f"stopped without saving. Last good checkpoint: {good or 'none'}. "
+                    "Lower train.lr, or set train.nonfinite=skip")
+            self.skipped += 1
+            log.warning("step %d: non-finite loss/gradient, batch skipped", self.step)
+        else:
+            self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        self.step += 1
+        return loss_value, gn
+
     def fit(self) -> FitResult:
         cfg, d = self.cfg, self.dist
-        model = wrap_ddp(self.raw_model, d)
-        if cfg.compile:
-            model = torch.compile(model)
-        model.train()
+        self.model.train()
 
         handlers = {}
         if threading.current_thread() is threading.main_thread():
@@ -185,10 +216,10 @@ class Trainer:
                 progress = self.step / max(1, cfg.max_steps)
                 if max_seconds:
                     progress = max(progress, self.train_seconds / max_seconds)
-                # rank 0 decides when to stop, so that all ranks stop at the same step
-                stop_time, stop_sig = broadcast_floats(
-                    [float(progress >= 1.0), float(self._stop_signal is not None)], d)
-                if self.step >= cfg.max_steps or stop_time:
+                # rank 0's clock and signals decide, so all ranks use one lr and stop together
+                progress, stop_sig = broadcast_floats(
+                    [progress, float(self._stop_signal is not None)], d)
+                if self.step >= cfg.max_steps or progress >= 1.0:
                     status = "finished" if self.step >= cfg.max_steps else "time limit"
                     break
                 if stop_sig:
@@ -198,38 +229,10 @@ class Trainer:
                 t0 = time.perf_counter()
                 lr = cfg.lr * cosine_with_warmup(self.step, cfg.warmup_steps, progress,
                                                  cfg.min_lr_ratio)
-                for group in self.optimizer.param_groups:
-                    group["lr"] = lr
-                loss_sum = torch.zeros((), device=d.device)
-                for micro in range(cfg.grad_accum):
-                    batch = self.task.train_batch(self.step, micro, cfg.grad_accum, d.rank, d.world)
-                    with no_sync(model, micro < cfg.grad_accum - 1), \
-                            autocast(d.device, self.amp_dtype):
-                        loss = self.task.loss(model, batch) / cfg.grad_accum
-                    loss.backward()
-                    loss_sum += loss.detach()
-                grad_norm = torch.nn.utils.clip_grad_norm_(
-                    self.raw_model.parameters(), cfg.grad_clip if cfg.grad_clip > 0 else float("inf"))
-                gn = float(grad_norm)
-                if not (math.isfinite(gn) and math.isfinite(float(loss_sum))):
-                    if cfg.nonfinite == "stop":
-                        good = ckpt.latest_checkpoint(self.run_dir)
-                        raise NonFiniteError(
-                            f"step {self.step}: loss {float(loss_sum)} / gradient norm {gn} is not "
-                            f"finite; stopped without saving. Last good checkpoint: "
-                            f"{good or 'none'}. Lower train.lr, or set train.nonfinite=skip")
-                    self.optimizer.zero_grad(set_to_none=True)
-                    self.skipped += 1
-                    log.warning("step %d: non-finite loss/gradient, batch skipped", self.step)
-                else:
-                    self.optimizer.step()
-                    self.optimizer.zero_grad(set_to_none=True)
-                if d.device.type == "cuda":
-                    torch.cuda.synchronize()
-                self.step += 1
+                loss_step, gn = self.train_step(lr)
                 self.train_seconds += time.perf_counter() - t0
                 window_tokens += tokens_per_step
-                window_loss += float(loss_sum)
+                window_loss += loss_step
                 window_n += 1
 
                 if self.step % cfg.log_every == 0 or self.step == cfg.max_steps:
