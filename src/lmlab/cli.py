@@ -237,6 +237,27 @@ def cmd_quickstart(a) -> int:
     return 0
 
 
+# ------------------------------------------------------------------ generation
+
+@command("generate")
+def cmd_generate(a) -> int:
+    import lmlab
+    from lmlab.infer import stream_text
+    from lmlab.train.distributed import pick_device
+
+    lm = lmlab.load(a.model, device=str(pick_device(a.device)))
+    t0, text = time.time(), []
+    out.print(a.prompt, end="", style="bold", markup=False, highlight=False)
+    for piece in stream_text(lm.model, lm.tokenizer, a.prompt, max_new_tokens=a.max_new_tokens,
+                             temperature=a.temperature, top_k=a.top_k, top_p=a.top_p, seed=a.seed):
+        out.print(piece, end="", markup=False, highlight=False, soft_wrap=True)
+        out.file.flush()
+        text.append(piece)
+    out.print()
+    console.print(f"[dim]{len(''.join(text))} characters in {time.time() - t0:.2f} s[/dim]")
+    return 0
+
+
 # ------------------------------------------------------------------ Hugging Face
 
 @command("export-hf")
@@ -329,6 +350,19 @@ def build_parser() -> ArgumentParser:
     q.add_argument("--device", type=str, default="auto")
     sub.add_subcommand("quickstart", q, help="the whole pipeline in one bounded run")
 
+    g = ArgumentParser(description="Continue a prompt with a trained model, streaming the text.\n\n"
+                                   "example: lmlab generate --model runs/quickstart --prompt 'def ' "
+                                   "--temperature 0.8 --top-k 50")
+    g.add_argument("--model", type=str, required=True, help="model directory")
+    g.add_argument("--prompt", type=str, default="")
+    g.add_argument("--max-new-tokens", type=int, default=200)
+    g.add_argument("--temperature", type=float, default=0.8, help="0 = greedy")
+    g.add_argument("--top-k", type=int | None, default=50)
+    g.add_argument("--top-p", type=float | None, default=None)
+    g.add_argument("--seed", type=int | None, default=None, help="same seed, same text")
+    g.add_argument("--device", type=str, default="auto")
+    sub.add_subcommand("generate", g, help="generate text from a model directory")
+
     i = ArgumentParser(description="Convert a local Hugging Face GPT-2/LLaMA/Qwen2/Mistral "
                                    "directory to an lmlab model directory.\n\n"
                                    "example: lmlab import-hf ~/models/Qwen2-0.5B qwen2/")
@@ -359,7 +393,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return COMMANDS[name](args) or 0
     except LmlabError as e:
-        console.print(f"[red]error:[/red] {e}", highlight=False)
+        console.print(f"[red]error:[/red] {e}", highlight=False, markup=True, soft_wrap=True)
         return e.exit_code
     except KeyboardInterrupt:
         console.print("interrupted")

@@ -1,0 +1,153 @@
+"""Training throughput: lmlab's training step against Hugging Face GPT2LMHeadModel.
+
+Same architecture (n_layer 6, n_head 6, n_embd 384, context 256, vocab 8192),
+same batch (8), same optimizer (torch AdamW, fused where available), same
+gradient clipping; fp32 and bf16 autocast, each with and without torch.compile.
+lmlab runs its real `Trainer.train_step` (data loading from token shards
+included); HF runs the loop a user would write around `model(input_ids,
+labels=...)`. Variants are interleaved round by round so that drift in machine
+load hits all of them alike; each figure is the median over rounds.
+
+    python benchmarks/train_throughput.py [--rounds 3] [--steps 5] [--no-compile]
+
+MFU = tokens/s × training FLOPs per token ÷ the measured matmul peak of the
+same dtype on this machine (so fp32 and bf16 are each judged against their own
+ceiling).
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from lmlab.config import TrainConfig
+from lmlab.data.shards import TokenShards, TokenShardWriter
+from lmlab.model import ModelConfig, Transformer
+from lmlab.train.distributed import Dist
+from lmlab.train.metrics import measured_peak_flops
+from lmlab.train.pretrain import LanguageModelingTask
+from lmlab.train.trainer import Trainer
+
+CFG = dict(n_layer=6, n_head=6, d_model=384, max_seq_len=256, vocab_size=8192)
+BATCH, SEQ = 8, 256
+
+
+def random_shards(root: Path) -> Path:
+    rng = np.random.default_rng(0)
+    with TokenShardWriter(root, CFG["vocab_size"], eos_id=0) as w:
+        for _ in range(64):
+            w.add(rng.integers(1, CFG["vocab_size"], 4096), "train")
+    return root
+
+
+class LmlabVariant:
+    def __init__(self, shards: Path, run_dir: Path, precision: str, compile: bool):
+        torch.manual_seed(0)
+        model = Transformer(ModelConfig(**CFG))
+        task = LanguageModelingTask(TokenShards(shards, "train"), None, SEQ, BATCH,
+                                    [1] * CFG["vocab_size"], seed=0, eval_tokens=None,
+                                    device=torch.device("cpu"))
+        cfg = TrainConfig(batch_size=BATCH, precision=precision, compile=compile, lr=1e-4)
+        self.trainer = Trainer(model, task, cfg, run_dir, Dist(), flops_per_token=0.0)
+        self.trainer.metrics.enabled = False
+
+    def step(self):
+        self.trainer.train_step(1e-4)
+
+
+class HFVariant:
+    def __init__(self, precision: str, compile: bool):
+        from transformers import GPT2Config, GPT2LMHeadModel
+
+        torch.manual_seed(0)
+        cfg = GPT2Config(n_layer=CFG["n_layer"], n_head=CFG["n_head"], n_embd=CFG["d_model"],
+                         n_positions=CFG["max_seq_len"], vocab_size=CFG["vocab_size"],
+                         attn_pdrop=0.0, resid_pdrop=0.0, embd_pdrop=0.0,
+                         bos_token_id=0, eos_token_id=0)
+        cfg._attn_implementation = "sdpa"  # transformers' fastest attention on CPU
+        self.model = GPT2LMHeadModel(cfg).train()
+        try:
+            self.opt = torch.optim.AdamW(self.model.parameters(), lr=1e-4, fused=True)
+        except (RuntimeError, TypeError):
+            self.opt = torch.optim.AdamW(self.model.parameters(), lr=1e-4)
+        self.fwd = torch.compile(self.model) if compile else self.model
+        self.dtype = torch.bfloat16 if precision == "bf16" else None
+        g = torch.Generator().manual_seed(0)
+        self.batches = [torch.randint(1, CFG["vocab_size"], (BATCH, SEQ), generator=g)
+                        for _ in range(8)]
+        self.i = 0
+
+    def step(self):
+        x = self.batches[self.i % len(self.batches)]
+        self.i += 1
+        with torch.autocast("cpu", dtype=self.dtype, enabled=self.dtype is not None):
+            loss = self.fwd(input_ids=x, labels=x).loss
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(self.model.parameters(), 1.0)
+        self.opt.step()
+        self.opt.zero_grad(set_to_none=True)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--rounds", type=int, default=3)
+    ap.add_argument("--steps", type=int, default=5, help="timed steps per variant per round")
+    ap.add_argument("--no-compile", action="store_true")
+    ap.add_argument("--threads", type=int, default=None)
+    args = ap.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+
+    flops_per_token = ModelConfig(**CFG).flops_per_token(SEQ)
+    peaks = {"fp32": measured_peak_flops("cpu", torch.float32, seconds=1.0),
+             "bf16": measured_peak_flops("cpu", torch.bfloat16, seconds=1.0)}
+    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads; measured matmul peak: "
+          f"fp32 {peaks['fp32'] / 1e9:.0f} GFLOP/s, bf16 {peaks['bf16'] / 1e9:.0f} GFLOP/s; "
+          f"{flops_per_token / 1e6:.1f} MFLOP per token")
+
+    tmp = Path(tempfile.mkdtemp(prefix="lmlab-bench-"))
+    shards = random_shards(tmp / "shards")
+    variants = {}
+    for precision in ("fp32", "bf16"):
+        for comp in ((False,) if args.no_compile else (False, True)):
+            tag = f"{precision}{' + compile' if comp else ''}"
+            variants[("lmlab", tag)] = LmlabVariant(shards, tmp / f"run-{precision}-{comp}",
+                                                    precision, comp)
+            variants[("HF", tag)] = HFVariant(precision, comp)
+    for name, v in variants.items():  # warm up: compile, allocator, oneDNN primitive caches
+        t0 = time.perf_counter()
+        for _ in range(2):
+            v.step()
+        print(f"  warmed up {name[0]:5s} {name[1]:16s} in {time.perf_counter() - t0:5.1f} s")
+
+    rates: dict[tuple, list[float]] = {k: [] for k in variants}
+    for r in range(args.rounds):
+        for name, v in variants.items():
+            t0 = time.perf_counter()
+            for _ in range(args.steps):
+                v.step()
+            rates[name].append(args.steps * BATCH * SEQ / (time.perf_counter() - t0))
+    med = {k: statistics.median(v) for k, v in rates.items()}
+
+    print(f"\n{'setting':18s} {'lmlab tok/s':>12s} {'MFU':>6s} {'HF tok/s':>10s} {'MFU':>6s} "
+          f"{'lmlab/HF':>9s}")
+    tags = sorted({t for _, t in variants}, key=lambda t: (t.startswith("bf16"), "compile" in t))
+    for tag in tags:
+        a, b = med[("lmlab", tag)], med[("HF", tag)]
+        peak = peaks[tag[:4]]
+        print(f"{tag:18s} {a:12,.0f} {a * flops_per_token / peak:6.1%} {b:10,.0f} "
+              f"{b * flops_per_token / peak:6.1%} {a / b:8.2f}×")
+    best_ours = max((v, t) for (impl, t), v in med.items() if impl == "lmlab")
+    best_hf = max((v, t) for (impl, t), v in med.items() if impl == "HF")
+    print(f"\nfastest lmlab ({best_ours[1]}) {best_ours[0]:,.0f} tok/s vs fastest HF "
+          f"({best_hf[1]}) {best_hf[0]:,.0f} tok/s: {best_ours[0] / best_hf[0]:.2f}×")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,47 @@
+"""lmlab: build large language models from theory to practice.
+
+    >>> import lmlab
+    >>> lm = lmlab.load("runs/quickstart")         # any lmlab model directory
+    >>> logits = lm.model(torch.tensor([lm.tokenizer.encode("def ")]))   # (1, T, vocab)
+    >>> print(lm.generate("def ", max_new_tokens=40))
+"""
+
+from __future__ import annotations
+
+__version__ = "0.1.0"
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:  # keep `import lmlab` light: torch loads on first use
+    from lmlab.model import Transformer
+    from lmlab.tokenizer import Tokenizer
+
+
+@dataclass
+class LoadedModel:
+    """A model directory in memory: `.model` (torch.nn.Module) and `.tokenizer`."""
+
+    model: "Transformer"
+    tokenizer: "Tokenizer"
+    path: Path
+
+    def generate(self, prompt: str, max_new_tokens: int = 128, **sampling) -> str:
+        """The continuation of `prompt` (sampling: temperature, top_k, top_p, seed)."""
+        from lmlab.infer import generate_text
+
+        return generate_text(self.model, self.tokenizer, prompt, max_new_tokens=max_new_tokens,
+                             **sampling)
+
+
+def load(path: str | Path, device: str = "cpu", dtype=None) -> LoadedModel:
+    """Load an lmlab model directory (config.json, model.safetensors, tokenizer files)."""
+    from lmlab.model_io import load_model_dir
+    from lmlab.tokenizer import Tokenizer
+
+    model = load_model_dir(path, device=device, dtype=dtype).eval()
+    return LoadedModel(model=model, tokenizer=Tokenizer.load(path), path=Path(path))
+
+
+__all__ = ["load", "LoadedModel", "__version__"]
