@@ -27,6 +27,8 @@ from torch import nn
 
 from lmlab.model.config import ModelConfig
 
+_SDPA_GQA = "enable_gqa" in (F.scaled_dot_product_attention.__doc__ or "")
+
 
 class RMSNorm(nn.Module):
     """x / sqrt(mean(x²) + eps) * weight, computed in float32 as LLaMA does."""
@@ -132,17 +134,21 @@ class Attention(nn.Module):
         if cache is not None:
             past = cache.pos
             k, v = cache.update(layer, k, v)
+        gqa = {}
         if self.n_kv_head != self.n_head:  # grouped-query attention: share each K/V head
-            rep = self.n_head // self.n_kv_head
-            k = k.repeat_interleave(rep, dim=1)
-            v = v.repeat_interleave(rep, dim=1)
+            if _SDPA_GQA:  # torch >= 2.5 shares the heads inside the kernel, without copies
+                gqa = {"enable_gqa": True}
+            else:
+                rep = self.n_head // self.n_kv_head
+                k = k.repeat_interleave(rep, dim=1)
+                v = v.repeat_interleave(rep, dim=1)
         if attn_mask is None and past and T > 1:
             # a chunk after cached positions: causal within the chunk, all of the past visible
             attn_mask = torch.ones(T, past + T, dtype=torch.bool, device=x.device).tril(past)
         y = F.scaled_dot_product_attention(
             q, k, v, attn_mask=attn_mask,
             is_causal=attn_mask is None and past == 0 and T > 1,
-            dropout_p=self.dropout if self.training else 0.0,
+            dropout_p=self.dropout if self.training else 0.0, **gqa,
         )
         return self.proj(y.transpose(1, 2).reshape(B, T, -1))
 
@@ -201,7 +207,7 @@ class Transformer(nn.Module):
         self.reset_parameters()
 
     def _apply(self, fn, recurse=True):
-        # .to(bfloat16) would round the RoPE frequencies too (0.7 rad of error at position
+        # .to(bfloat16) would round the RoPE frequencies too (radians of error by position
         # 4000); keep them float32 whatever dtype the weights take
         super()._apply(fn, recurse)
         if self.cfg.pos_emb == "rope":

@@ -92,6 +92,10 @@ class Trainer:
         self.callback = callback if (callback and dist.is_main) else (lambda e, d: None)
         self.flops_per_token = flops_per_token
         self.amp_dtype = autocast_dtype(cfg.precision, dist.device)
+        # fp16 has too few exponent bits for small gradients: scale the loss up, unscale
+        # before clipping (bf16 has fp32's range and needs none of this)
+        self.scaler = (torch.amp.GradScaler(dist.device.type)
+                       if self.amp_dtype == torch.float16 else None)
         self.optimizer = build_adamw(self.raw_model, cfg.lr, cfg.weight_decay,
                                      (cfg.beta1, cfg.beta2))
         self.step = 0
@@ -119,6 +123,8 @@ class Trainer:
         self.step = self.saved_step = state["step"]
         self.train_seconds = state.get("train_seconds", 0.0)
         self.skipped = state.get("skipped", 0)
+        if self.scaler and state.get("scaler"):
+            self.scaler.load_state_dict(state["scaler"])
         self.metrics.truncate_after(self.step)
         log.info("resumed from %s at step %d", path, self.step)
         return path
@@ -128,7 +134,8 @@ class Trainer:
         if self.dist.is_main:
             path = ckpt.save_checkpoint(
                 self.run_dir, self.step, self.raw_model, self.optimizer,
-                {"train_seconds": self.train_seconds, "skipped": self.skipped},
+                {"train_seconds": self.train_seconds, "skipped": self.skipped,
+                 "scaler": self.scaler.state_dict() if self.scaler else {}},
                 tokenizer_dir=self.tokenizer_dir, keep_last=self.cfg.keep_checkpoints)
             self.callback("checkpoint", {"step": self.step, "path": str(path)})
         if self.dist.enabled:
@@ -172,11 +179,20 @@ class Trainer:
             batch = self.task.train_batch(self.step, micro, cfg.grad_accum, d.rank, d.world)
             with no_sync(model, micro < cfg.grad_accum - 1), autocast(d.device, self.amp_dtype):
                 loss = self.task.loss(model, batch) / cfg.grad_accum
-            loss.backward()
+            (self.scaler.scale(loss) if self.scaler else loss).backward()
             loss_sum += loss.detach()
+        if self.scaler:
+            self.scaler.unscale_(self.optimizer)
         grad_norm = torch.nn.utils.clip_grad_norm_(
             self.raw_model.parameters(), cfg.grad_clip if cfg.grad_clip > 0 else float("inf"))
         gn, loss_value = float(grad_norm), float(loss_sum)  # one device sync per step
+        if self.scaler and not math.isfinite(gn) and math.isfinite(loss_value):
+            # an fp16 overflow, not a diverged run: the scaler skips the step, lowers its scale
+            self.scaler.step(self.optimizer)
+            self.scaler.update()
+            self.optimizer.zero_grad(set_to_none=True)
+            self.step += 1
+            return loss_value, gn
         if not (math.isfinite(gn) and math.isfinite(loss_value)):
             if cfg.nonfinite == "stop":
                 good = ckpt.latest_checkpoint(self.run_dir)
@@ -186,6 +202,9 @@ class Trainer:
                     "Lower train.lr, or set train.nonfinite=skip")
             self.skipped += 1
             log.warning("step %d: non-finite loss/gradient, batch skipped", self.step)
+        elif self.scaler:
+            self.scaler.step(self.optimizer)
+            self.scaler.update()
         else:
             self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
