@@ -126,6 +126,35 @@ def cmd_data_prepare(a) -> int:
     return 0
 
 
+@command("data.process")
+def cmd_data_process(a) -> int:
+    from lmlab.data.pipeline import run_recipe
+
+    with progress_bar() as bar:
+        tasks: dict[str, object] = {}
+
+        def on_progress(p: dict) -> None:
+            elapsed = max(p.get("elapsed", 0.0), 1e-9)
+            for name, st in sorted(p.get("stages", {}).items(), key=lambda kv: kv[1]["order"]):
+                if name not in tasks:
+                    tasks[name] = bar.add_task(name, total=None, info="")
+                bar.update(tasks[name], completed=st["documents"],
+                           info=f"{st['documents'] / elapsed:,.0f} docs/s  "
+                                f"{st['bytes'] / 1e6:,.1f} MB")
+
+        report = run_recipe(a.recipe, a.input, a.out, workers=a.workers, executor=a.executor,
+                            tokenizer_dir=a.tokenizer, progress=on_progress)
+    if "submitted" in report:
+        out.print(f"submitted {len(report['submitted'])} Slurm job(s); the last one writes "
+                  f"{a.out}/report.html")
+        return 0
+    rows = [(k, v) for k, v in report.get("summary", {}).items()
+            if isinstance(v, (int, float, str))]
+    out.print(summary_table(f"data process → {a.out}", rows or [("report", f"{a.out}/report.json")]))
+    out.print(f"report: {a.out}/report.html")
+    return 0
+
+
 # ------------------------------------------------------------------ training
 
 class TrainingDisplay:
@@ -314,11 +343,25 @@ def build_parser() -> ArgumentParser:
     d.add_argument("--tokenizer", type=str, required=True, help="tokenizer directory")
     d.add_argument("--out", type=str, required=True)
     d.add_argument("--val-fraction", type=float, default=0.005)
-    d.add_argument("--workers", type=int | None, default=None, help="default: all cores")
+    d.add_argument("--workers", type=int | None, default=None,
+                   help="tokenizer processes (default: tokenize in this process on all cores)")
     d.add_argument("--text-field", type=str, default="text")
     d.add_argument("--seed", type=int, default=0, help="seed of the train/val split")
     d.add_argument("--strict", action="store_true", help="stop at the first bad record")
     data_sub.add_subcommand("prepare", d, help="read, deduplicate, tokenize into shards")
+    dp = ArgumentParser(
+        description="Clean a raw corpus with a recipe: normalise, language-id, quality filters, "
+                    "PII masking, exact + MinHash dedup, decontamination, token shards.\n\n"
+                    "example: lmlab data process --recipe configs/data/web-zh.yaml "
+                    "--input crawl/ --out data/web-zh --workers 2")
+    dp.add_argument("--recipe", type=str, required=True, help="YAML recipe (configs/data/*.yaml)")
+    dp.add_argument("--input", type=str, required=True, nargs="+")
+    dp.add_argument("--out", type=str, required=True)
+    dp.add_argument("--workers", type=int, default=1)
+    dp.add_argument("--executor", type=str, default="local", help="local | ray | slurm")
+    dp.add_argument("--tokenizer", type=str | None, default=None,
+                    help="write token shards with this tokenizer")
+    data_sub.add_subcommand("process", dp, help="clean, filter, deduplicate with a recipe")
 
     e = ArgumentParser(description="Write a Hugging Face transformers directory.\n\n"
                                    "example: lmlab export-hf runs/quickstart hf-model/")
