@@ -7,20 +7,31 @@ VENV   ?= .venv
 PY      = $(VENV)/bin/python
 PIP     = $(PY) -m pip
 
-.PHONY: install test quickstart clean
+.PHONY: install install-dev test quickstart clean
 
-$(VENV)/.installed: pyproject.toml
+$(VENV)/.torch:
 	$(PYTHON) -m venv $(VENV)
 	$(PIP) install --quiet --upgrade pip
 	$(PIP) install --quiet "$(TORCH)"
-	$(PIP) install --quiet -e ".[dev]"
 	touch $@
 
-install: $(VENV)/.installed
+# lmlab and what the main job needs
+$(VENV)/.installed: pyproject.toml $(VENV)/.torch
+	$(PIP) install --quiet -e .
+	touch $@
 
-test: install
+# plus transformers, datatrove, ray, pytest, ... for the tests
+$(VENV)/.installed-dev: pyproject.toml $(VENV)/.torch
+	$(PIP) install --quiet -e ".[dev]"
+	touch $@ $(VENV)/.installed
+
+install: $(VENV)/.installed
+install-dev: $(VENV)/.installed-dev
+
+test: install-dev
 	$(PY) -m pytest -q -n 2 --dist loadgroup $(PYTEST_ARGS)
 
+# ARGS="--minutes 5 --out runs/mine" to change the budget or the output directory
 quickstart: install
 	$(VENV)/bin/lmlab quickstart $(ARGS)
 
