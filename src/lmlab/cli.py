@@ -130,6 +130,9 @@ def cmd_data_prepare(a) -> int:
 def cmd_data_process(a) -> int:
     from lmlab.data.pipeline import run_recipe
 
+    if not a.verbose:  # datatrove's own per-task log lines; they also go to OUT/work/logs
+        from loguru import logger
+        logger.disable("datatrove")
     with progress_bar() as bar:
         tasks: dict[str, object] = {}
 
@@ -148,9 +151,20 @@ def cmd_data_process(a) -> int:
         out.print(f"submitted {len(report['submitted'])} Slurm job(s); the last one writes "
                   f"{a.out}/report.html")
         return 0
-    rows = [(k, v) for k, v in report.get("summary", {}).items()
-            if isinstance(v, (int, float, str))]
-    out.print(summary_table(f"data process → {a.out}", rows or [("report", f"{a.out}/report.json")]))
+    rows = [("documents in → out", f"{report['documents_in']:,} → {report['documents_out']:,}"),
+            ("bytes in → out", f"{report['bytes_in']:,} → {report['bytes_out']:,}"),
+            ("bad records skipped", report["read"]["skipped_records"])]
+    for filt, reasons in report["removals"].items():
+        rows.append((f"removed by {filt}", ", ".join(f"{r} {n:,}" for r, n in reasons.items())))
+    dup = report["duplicates"]
+    rows.append(("duplicates removed", f"exact {dup['removed_exact']:,}, near {dup['removed_near']:,} "
+                                       f"({dup['clusters']:,} clusters)"))
+    if report.get("tokens"):
+        rows.append(("tokens", report["tokens"].get("tokens", "")))
+    rows.append(("seconds", f"{sum(report['seconds'].values()):.1f}"))
+    for msg in report["read"]["problems"][:5]:
+        console.print(f"[yellow]skipped[/yellow] {msg}", soft_wrap=True)
+    out.print(summary_table(f"data process → {a.out}", rows))
     out.print(f"report: {a.out}/report.html")
     return 0
 
@@ -361,6 +375,7 @@ def build_parser() -> ArgumentParser:
     dp.add_argument("--executor", type=str, default="local", help="local | ray | slurm")
     dp.add_argument("--tokenizer", type=str | None, default=None,
                     help="write token shards with this tokenizer")
+    dp.add_argument("--verbose", action="store_true", help="show datatrove's task logs")
     data_sub.add_subcommand("process", dp, help="clean, filter, deduplicate with a recipe")
 
     e = ArgumentParser(description="Write a Hugging Face transformers directory.\n\n"

@@ -184,7 +184,8 @@ def _watch(layout: _Layout, phase: str, progress: Callable, stop: threading.Even
     import json
 
     t0 = time.time()
-    while not stop.wait(1.0):
+    while True:
+        stopped = stop.wait(1.0)  # one last report after the phase ends: the final counts
         stages: dict[str, dict] = {}
         for f in layout.meters.glob("*/*.json"):
             try:
@@ -199,6 +200,8 @@ def _watch(layout: _Layout, phase: str, progress: Callable, stop: threading.Even
                       "stages": dict(sorted(stages.items(), key=lambda kv: kv[1]["order"]))})
         except Exception:  # a broken progress display must not stop the run
             log.exception("progress callback failed")
+        if stopped:
+            return
 
 
 def run_recipe(recipe_path_or_dict, inputs: list[str], out_dir: str, workers: int = 1,
