@@ -43,11 +43,11 @@ def command(name: str):
     return register
 
 
-def progress_bar(total=None, unit="docs"):
+def progress_bar(total=None, count: bool = True):
     from rich.progress import (BarColumn, MofNCompleteColumn, Progress, TaskProgressColumn,
                                TextColumn, TimeElapsedColumn, TimeRemainingColumn)
     cols = [TextColumn("[bold]{task.description}"), BarColumn()]
-    cols += [MofNCompleteColumn(), TaskProgressColumn()] if total else []
+    cols += ([MofNCompleteColumn()] if count else []) + [TaskProgressColumn()] if total else []
     cols += [TextColumn("{task.fields[info]}"), TimeElapsedColumn()]
     cols += [TimeRemainingColumn()] if total else []
     return Progress(*cols, console=console, transient=False)
@@ -175,7 +175,7 @@ class TrainingDisplay:
     """Turns the trainer's events into a progress bar with ETA and log lines."""
 
     def __init__(self):
-        self.bar = progress_bar(total=1)
+        self.bar = progress_bar(total=1, count=False)
         self.task = None
         self.max_seconds = None
 
@@ -400,10 +400,11 @@ def build_parser() -> ArgumentParser:
     q = ArgumentParser(description="Train a tokenizer, prepare shards and pretrain a small model on "
                                    "the Python standard library (or your corpus) in a few minutes; "
                                    "compare its bits per byte with xz.\n\n"
-                                   "example: lmlab quickstart --minutes 8 --out runs/quickstart")
+                                   "example: lmlab quickstart --minutes 10 --out runs/quickstart")
     q.add_argument("--corpus", type=str | None, nargs="+", default=None,
                    help="files/directories (default: the Python standard library source)")
-    q.add_argument("--minutes", type=float, default=8.0, help="training time budget")
+    q.add_argument("--minutes", type=float, default=10.0,
+                   help="time budget for the whole run (tokenizer, shards, training, evaluation)")
     q.add_argument("--out", type=str, default="runs/quickstart")
     q.add_argument("--device", type=str, default="auto")
     sub.add_subcommand("quickstart", q, help="the whole pipeline in one bounded run")
