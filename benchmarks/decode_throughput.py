@@ -1,0 +1,141 @@
+"""Greedy decode throughput: lmlab's `generate` beside Hugging Face `model.generate`.
+
+Both sides run the SAME weights (an lmlab model with random weights, converted
+with `lmlab.interop.hf.to_hf_state_dict`), the same prompts and the same number
+of new tokens, interleaved in one process so that a change in machine load
+hits both alike; the table reports the median over repeats. Tokens/s counts
+new tokens per second of a whole generate call (prefill included) for the
+whole batch. The greedy tokens of the two sides are compared too: a speed-up
+that changed the output would not count.
+
+    python benchmarks/decode_throughput.py                      # small, batch 1 and 8
+    python benchmarks/decode_throughput.py --batch-sizes 1 --new-tokens 256 --threads 1
+    python benchmarks/decode_throughput.py --preset llama-small --dtype bfloat16
+
+Needs `transformers` (the `hf` extra).
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import platform
+import statistics
+import time
+
+import torch
+
+from lmlab.infer import generate_ids
+from lmlab.interop.hf import to_hf_state_dict
+from lmlab.model import Transformer, preset
+
+
+def build_models(preset_name: str, vocab_size: int, dtype: torch.dtype, seed: int):
+    """(lmlab model, HF model) holding identical weights."""
+    import transformers
+
+    torch.manual_seed(seed)
+    model = Transformer(preset(preset_name, vocab_size=vocab_size)).eval()
+    hf_config, state = to_hf_state_dict(model)
+    cfg = dict(hf_config)
+    config = transformers.AutoConfig.for_model(cfg.pop("model_type"), **cfg)
+    hf = transformers.AutoModelForCausalLM.from_config(config).eval()
+    missing, unexpected = hf.load_state_dict(state, strict=False)
+    # a tied head is not in the state dict; it is the embedding, tied again below
+    missing = [k for k in missing if not (k == "lm_head.weight" and config.tie_word_embeddings)]
+    if missing or unexpected:
+        raise RuntimeError(f"weight conversion mismatch: missing {missing}, "
+                           f"unexpected {unexpected}")
+    hf.tie_weights()
+    # greedy with no end token: both sides must produce exactly --new-tokens tokens, and
+    # HF's min_new_tokens would otherwise change its argmax by masking the EOS logit
+    hf.generation_config.eos_token_id = None
+    hf.generation_config.pad_token_id = 0
+    return model.to(dtype), hf.to(dtype)
+
+
+def time_lmlab(model, prompts: torch.Tensor, n_new: int) -> tuple[float, list[list[int]]]:
+    t0 = time.perf_counter()
+    out = generate_ids(model, prompts.tolist(), n_new, temperature=0)
+    return time.perf_counter() - t0, out
+
+
+def time_hf(hf, prompts: torch.Tensor, n_new: int) -> tuple[float, list[list[int]]]:
+    t0 = time.perf_counter()
+    with torch.inference_mode():
+        out = hf.generate(prompts, attention_mask=torch.ones_like(prompts), do_sample=False,
+                          max_new_tokens=n_new, min_new_tokens=n_new, use_cache=True)
+    return time.perf_counter() - t0, out[:, prompts.shape[1]:].tolist()
+
+
+def cpu_name() -> str:
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def first_difference(a: list[list[int]], b: list[list[int]]) -> str:
+    for row, (x, y) in enumerate(zip(a, b)):
+        for i, (s, t) in enumerate(zip(x, y)):
+            if s != t:
+                return f"row {row} differs at token {i}"
+        if len(x) != len(y):
+            return f"row {row}: {len(x)} vs {len(y)} tokens"
+    return "identical"
+
+
+def main(argv=None) -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--preset", default="small", help="lmlab model preset (default: small)")
+    p.add_argument("--vocab-size", type=int, default=8192)
+    p.add_argument("--batch-sizes", default="1,8", help="comma-separated (default: 1,8)")
+    p.add_argument("--prompt-len", type=int, default=32)
+    p.add_argument("--new-tokens", type=int, default=128)
+    p.add_argument("--repeats", type=int, default=5, help="timed runs per side (median)")
+    p.add_argument("--warmup", type=int, default=1, help="untimed runs per side first")
+    p.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
+    p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
+    p.add_argument("--seed", type=int, default=0)
+    args = p.parse_args(argv)
+
+    import transformers
+
+    logging.getLogger("transformers").setLevel(logging.ERROR)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    dtype = getattr(torch, args.dtype)
+    model, hf = build_models(args.preset, args.vocab_size, dtype, args.seed)
+    print(f"preset {args.preset} ({model.num_params() / 1e6:.1f}M params, {args.dtype}), "
+          f"prompt {args.prompt_len} + {args.new_tokens} new tokens, greedy, "
+          f"median of {args.repeats}; torch {torch.__version__}, transformers "
+          f"{transformers.__version__}, {torch.get_num_threads()} threads, "
+          f"{cpu_name()}")
+
+    rows = []
+    for batch in [int(b) for b in args.batch_sizes.split(",")]:
+        g = torch.Generator().manual_seed(args.seed + batch)
+        prompts = torch.randint(0, args.vocab_size, (batch, args.prompt_len), generator=g)
+        times: dict[str, list[float]] = {"lmlab": [], "hf": []}
+        outs = {}
+        for r in range(args.warmup + args.repeats):
+            # alternate which side goes first, so neither always runs on a warmer cache
+            order = [("lmlab", time_lmlab, model), ("hf", time_hf, hf)]
+            for name, fn, m in order if r % 2 == 0 else order[::-1]:
+                dt, outs[name] = fn(m, prompts, args.new_tokens)
+                if r >= args.warmup:
+                    times[name].append(dt)
+        tps = {k: batch * args.new_tokens / statistics.median(v) for k, v in times.items()}
+        rows.append((batch, tps["lmlab"], tps["hf"], first_difference(outs["lmlab"], outs["hf"])))
+
+    print(f"\n{'batch':>5}  {'lmlab tok/s':>11}  {'HF tok/s':>9}  {'lmlab/HF':>8}  greedy tokens")
+    for batch, ours, theirs, same in rows:
+        print(f"{batch:>5}  {ours:>11.1f}  {theirs:>9.1f}  {ours / theirs:>7.2f}x  {same}")
+
+
+if __name__ == "__main__":
+    main()
