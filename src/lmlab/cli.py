@@ -101,7 +101,7 @@ def _special_tokens():
 
 def _print_read_problems(stats) -> None:
     for msg in stats.problems[:20]:
-        console.print(f"[yellow]skipped[/yellow] {msg}", markup=True, highlight=False)
+        console.print(f"[yellow]skipped[/yellow] {msg}", markup=True, highlight=False, soft_wrap=True)
     more = stats.skipped_total - min(len(stats.problems), 20)
     if more > 0:
         console.print(f"[yellow]... and {more} more skipped[/yellow]")
@@ -228,7 +228,8 @@ def _fit_rows(r) -> list[tuple[str, object]]:
 
 def _interrupted_hint(status: str, resume_cmd: str) -> None:
     if status.startswith("interrupted"):
-        console.print(f"[yellow]{status}: checkpoint saved.[/yellow] Resume with:\n  {resume_cmd}")
+        console.print(f"[yellow]{status}: checkpoint saved.[/yellow] Resume with:\n  {resume_cmd}",
+                      soft_wrap=True)
 
 
 @command("pretrain")
