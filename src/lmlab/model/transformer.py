@@ -232,24 +232,29 @@ class Transformer(nn.Module):
                     nn.init.zeros_(m.bias)
 
     def rope_cos_sin(self, positions: torch.Tensor, dtype: torch.dtype):
-        """cos, sin of shape (T, head_dim) for the given absolute positions."""
-        angles = positions.float()[:, None] * self.inv_freq[None, :]
+        """cos, sin for absolute positions (T,) → (T, head_dim), or per row (B, T) → (B, 1, T, head_dim)."""
+        angles = positions.float()[..., None] * self.inv_freq
         angles = torch.cat((angles, angles), dim=-1)
+        if angles.dim() == 3:  # one row of positions per sequence: broadcast over heads
+            angles = angles[:, None]
         return angles.cos().to(dtype), angles.sin().to(dtype)
 
     def forward(self, input_ids: torch.Tensor, cache: KVCache | None = None,
-                attn_mask: torch.Tensor | None = None, return_hidden: bool = False):
+                attn_mask: torch.Tensor | None = None, positions: torch.Tensor | None = None,
+                return_hidden: bool = False):
         """Logits (B, T, vocab) for token ids (B, T).
 
         With `cache`, the ids continue the cached positions and the cache advances.
         `attn_mask` (bool, broadcastable to (B, H, T, past+T); True = may attend)
-        overrides the causal mask, e.g. for left-padded batches.
+        overrides the causal mask, e.g. for left-padded batches, whose `positions`
+        (B, T) then count from 0 at each row's first real token.
         """
         B, T = input_ids.shape
         start = cache.pos if cache is not None else 0
         if start + T > self.cfg.max_seq_len and self.pos_emb is not None:
             raise ValueError(f"sequence of {start + T} tokens > max_seq_len {self.cfg.max_seq_len}")
-        positions = torch.arange(start, start + T, device=input_ids.device)
+        if positions is None:
+            positions = torch.arange(start, start + T, device=input_ids.device)
         x = self.tok_emb(input_ids)
         rope = None
         if self.pos_emb is not None:
