@@ -12,8 +12,8 @@ from lmlab.infer import (
     GenerationError, TextStreamer, generate, generate_ids, generate_text, sample_next,
     stream_text, top_k_filter, top_p_filter,
 )
-from lmlab.infer.generate import _forward_with_positions, relayout_for_cpu_decode
-from lmlab.model import KVCache, ModelConfig, Transformer
+from lmlab.infer.generate import relayout_for_cpu_decode
+from lmlab.model import ModelConfig, Transformer
 
 FAMILIES = {
     "gpt2": dict(pos_emb="learned"),
@@ -66,18 +66,6 @@ def test_batched_equals_one_at_a_time(family):
     assert generate_ids(model, prompts, 20, temperature=0) == one_by_one
     # and the references agree with the no-cache decode
     assert one_by_one[1] == greedy_full_forward(model, prompts[1], 20)
-
-
-@pytest.mark.parametrize("family", FAMILIES)
-def test_position_bridge_matches_model_forward(family):
-    # the per-row-position forward must stay the model's forward when positions are 0..T-1
-    model = small(family)
-    x = torch.randint(0, 97, (2, 7))
-    with torch.no_grad():
-        ours = _forward_with_positions(model, x, KVCache(model.cfg, 2, 7), None,
-                                       torch.arange(7).expand(2, 7))
-        theirs = model(x, cache=KVCache(model.cfg, 2, 7), return_hidden=True)
-    torch.testing.assert_close(ours, theirs)
 
 
 def test_stream_is_step_by_step_and_batch_shape():

@@ -39,7 +39,6 @@ pieces without splitting a multi-byte character, `stream_text` and
 
 from __future__ import annotations
 
-import inspect
 import logging
 import numbers
 from collections.abc import Iterable, Iterator, Sequence
@@ -228,7 +227,6 @@ class _Decoder:
         self.ids = torch.tensor([[0] * p + r for p, r in zip(pads, rows)], device=device)
         self.padded = any(pads)
         self.prefill_mask = self.key_mask = self.prefill_pos = self.pad = None
-        self.positions_kw = "positions" in inspect.signature(model.forward).parameters
         if self.padded:
             pad = torch.tensor(pads, device=device)[:, None]
             # (B, length): True where the key is a real token
@@ -260,35 +258,8 @@ class _Decoder:
         return sample_next(self.model.lm_head(h[:, -1]), **self.sampling)
 
     def _forward(self, ids, mask, positions) -> torch.Tensor:
-        if positions is None:
-            return self.model(ids, cache=self.cache, attn_mask=mask, return_hidden=True)
-        if self.positions_kw:
-            return self.model(ids, cache=self.cache, attn_mask=mask, positions=positions,
-                              return_hidden=True)
-        return _forward_with_positions(self.model, ids, self.cache, mask, positions)
-
-
-def _forward_with_positions(model: Transformer, ids: torch.Tensor, cache: KVCache,
-                            attn_mask: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
-    """Transformer.forward(..., return_hidden=True) with per-row positions (B, T).
-
-    A bridge until `Transformer.forward` takes a `positions` argument itself
-    (the loop uses that as soon as it exists); it repeats the forward's few
-    lines with one difference: the position ids of each row are its own.
-    """
-    x = model.tok_emb(ids)
-    rope = None
-    if model.pos_emb is not None:
-        x = x + model.pos_emb(positions)
-    else:
-        angles = positions.float()[..., None] * model.inv_freq  # (B, T, head_dim / 2)
-        angles = torch.cat((angles, angles), dim=-1)[:, None]  # (B, 1, T, head_dim): all heads
-        rope = angles.cos().to(x.dtype), angles.sin().to(x.dtype)
-    x = model.drop(x)
-    for i, block in enumerate(model.blocks):
-        x = block(x, rope, cache, i, attn_mask)
-    cache.pos += ids.shape[1]
-    return model.norm(x)
+        return self.model(ids, cache=self.cache, attn_mask=mask, positions=positions,
+                          return_hidden=True)
 
 
 # ---------------------------------------------------------------- text
