@@ -325,6 +325,14 @@ def cmd_import_hf(a) -> int:
 
 # ------------------------------------------------------------------ parser
 
+def _add_reader_args(p) -> None:
+    """The options of every command that reads documents through lmlab.data.sources."""
+    p.add_argument("--input", type=str, required=True, nargs="+",
+                   help="files or directories (.txt .md .py .jsonl[.gz|.zst] .parquet .warc .html)")
+    p.add_argument("--text-field", type=str, default="text", help="JSONL/Parquet text field")
+    p.add_argument("--strict", action="store_true", help="stop at the first bad record")
+
+
 def build_parser() -> ArgumentParser:
     p = ArgumentParser(prog="lmlab", description="Build language models from theory to practice.",
                        env_prefix="LMLAB", default_env=False)
@@ -338,13 +346,10 @@ def build_parser() -> ArgumentParser:
     t = ArgumentParser(
         description="Train a byte-level BPE tokenizer (lossless for any UTF-8 text).\n\n"
                     "example: lmlab tokenizer train --input corpus/ --vocab-size 8192 --out tok/")
-    t.add_argument("--input", type=str, required=True, nargs="+",
-                   help="files or directories (.txt .md .py .jsonl[.gz|.zst] .parquet ...)")
+    _add_reader_args(t)
     t.add_argument("--vocab-size", type=int, default=8192)
     t.add_argument("--out", type=str, required=True, help="output directory")
     t.add_argument("--min-frequency", type=int, default=2)
-    t.add_argument("--text-field", type=str, default="text", help="JSONL/Parquet text field")
-    t.add_argument("--strict", action="store_true", help="stop at the first bad record")
     tok_sub.add_subcommand("train", t, help="train a byte-level BPE tokenizer")
 
     # lmlab data prepare
@@ -354,15 +359,13 @@ def build_parser() -> ArgumentParser:
     d = ArgumentParser(
         description="Read, deduplicate and tokenize documents into token shards.\n\n"
                     "example: lmlab data prepare --input corpus/ --tokenizer tok/ --out shards/")
-    d.add_argument("--input", type=str, required=True, nargs="+")
+    _add_reader_args(d)
     d.add_argument("--tokenizer", type=str, required=True, help="tokenizer directory")
     d.add_argument("--out", type=str, required=True)
     d.add_argument("--val-fraction", type=float, default=0.005)
     d.add_argument("--workers", type=int | None, default=None,
                    help="tokenizer processes (default: tokenize in this process on all cores)")
-    d.add_argument("--text-field", type=str, default="text")
     d.add_argument("--seed", type=int, default=0, help="seed of the train/val split")
-    d.add_argument("--strict", action="store_true", help="stop at the first bad record")
     data_sub.add_subcommand("prepare", d, help="read, deduplicate, tokenize into shards")
     dp = ArgumentParser(
         description="Clean a raw corpus with a recipe: normalise, language-id, quality filters, "

@@ -186,14 +186,9 @@ def edit_chars(rng: random.Random, text: str, fraction: float) -> str:
 
 def luhn_complete(prefix: str) -> str:
     """Append the Luhn check digit to a string of digits (bank-card numbers carry one)."""
-    total = 0
-    for i, d in enumerate(reversed(prefix)):
-        x = int(d)
-        if i % 2 == 0:
-            x *= 2
-            x -= 9 if x > 9 else 0
-        total += x
-    return prefix + str((10 - total % 10) % 10)
+    from lmlab.data.pipeline.pii import luhn_valid
+
+    return next(prefix + d for d in "0123456789" if luhn_valid(prefix + d))
 
 
 def cn_resident_id(rng: random.Random) -> str:
