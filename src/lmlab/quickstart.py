@@ -126,7 +126,7 @@ def quickstart(corpus: list[str] | None = None, minutes: float = 10.0, out: str 
         seq_len=plan.seq_len, model=plan.model,
         train=TrainConfig(batch_size=plan.batch_size, grad_accum=plan.grad_accum,
                           max_steps=1_000_000, max_minutes=train_minutes, lr=plan.lr,
-                          warmup_steps=100, eval_every=0, eval_tokens=0, log_every=10,
+                          warmup_steps=100, eval_every=250, eval_tokens=0, log_every=10,
                           checkpoint_every=0, keep_checkpoints=1, device=device),
     )
     model_dir = out_dir  # the output directory is itself a model directory
