@@ -8,9 +8,11 @@ everything the CLI does can be done from Python too. The CLI owns the terminal
 
 from __future__ import annotations
 
+import json
 import logging
 import sys
 import time
+from pathlib import Path
 from typing import Callable
 
 from argparse import RawDescriptionHelpFormatter
@@ -50,7 +52,8 @@ def progress_bar(total=None, count: bool = True):
     cols += ([MofNCompleteColumn()] if count else []) + [TaskProgressColumn()] if total else []
     cols += [TextColumn("{task.fields[info]}"), TimeElapsedColumn()]
     cols += [TimeRemainingColumn()] if total else []
-    return Progress(*cols, console=console, transient=False)
+    # transient: the bar gives way to the summary table (or the one-line error) when done
+    return Progress(*cols, console=console, transient=True)
 
 
 def summary_table(title: str, rows: list[tuple[str, object]]) -> Table:
@@ -308,9 +311,10 @@ def cmd_generate(a) -> int:
 def cmd_export_hf(a) -> int:
     from lmlab.interop.hf import export_hf
 
-    arch = export_hf(a.model, a.out)
+    export_hf(a.model, a.out)
+    arch = json.loads((Path(a.out) / "config.json").read_text())["architectures"][0]
     out.print(f"wrote {arch} to {a.out}; load it with "
-              f"transformers.AutoModelForCausalLM.from_pretrained({str(a.out)!r})")
+              f"transformers.AutoModelForCausalLM.from_pretrained({str(a.out)!r})", soft_wrap=True)
     return 0
 
 
@@ -318,8 +322,11 @@ def cmd_export_hf(a) -> int:
 def cmd_import_hf(a) -> int:
     from lmlab.interop.hf import import_hf
 
-    model = import_hf(a.hf_dir, a.out)
-    out.print(f"wrote lmlab model ({model.num_params():,} parameters) to {a.out}")
+    import_hf(a.hf_dir, a.out)
+    cfg = json.loads((Path(a.out) / "config.json").read_text())["lmlab_model"]
+    out.print(f"wrote an lmlab model ({cfg['n_layer']} layers, d_model {cfg['d_model']}, "
+              f"{cfg['pos_emb']} positions) to {a.out}; try: lmlab generate --model {a.out}",
+              soft_wrap=True)
     return 0
 
 
