@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import sys
 import time
 from pathlib import Path
@@ -241,7 +242,7 @@ def cmd_pretrain(a) -> int:
     from lmlab.train.pretrain import pretrain
 
     cfg = config_from_dict(PretrainConfig, a.as_dict())
-    is_main = int(__import__("os").environ.get("RANK", "0")) == 0
+    is_main = int(os.environ.get("RANK", "0")) == 0  # under torchrun only rank 0 draws
     with (TrainingDisplay() if is_main else _Quiet()) as display:
         r = pretrain(cfg, callback=display)
     if is_main:

@@ -54,7 +54,8 @@ def xz_bits_per_byte(data: bytes) -> float:
 
 def split_text_bytes(shard_dir: str | Path, tokenizer: Tokenizer, split: str = "val") -> bytes:
     """The UTF-8 text of a split's documents (EOS separators dropped): what bpb is measured on."""
-    tokens = TokenShards(shard_dir, split).slice(0, len(TokenShards(shard_dir, split)))
+    shards = TokenShards(shard_dir, split)
+    tokens = shards.slice(0, len(shards))
     eos = np.flatnonzero(tokens == tokenizer.eos_id)
     docs, start = [], 0
     for end in eos:

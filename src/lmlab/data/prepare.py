@@ -296,9 +296,7 @@ def prepare(inputs: list[str], tokenizer_dir: str | os.PathLike, out_dir: str | 
                 if progress is not None:
                     progress(batch.docs_read, batch.bytes_read)
             splitter.finish()
-            # read by close() when it writes meta.json, which it does last
-            writer.extra_meta["duplicates_dropped"] = counts["duplicates"]
-        meta = writer.meta
+            meta = writer.close({"duplicates_dropped": counts["duplicates"]})
         _move_into_place(tmp, out)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)

@@ -115,9 +115,11 @@ class TokenShardWriter:
         if n >= self.shard_tokens:
             self._finish(split)
 
-    def close(self) -> dict:
+    def close(self, extra_meta: dict | None = None) -> dict:
+        """Finish the open shards and write meta.json (plus `extra_meta`, e.g. final counts)."""
         if self._closed:
             return self.meta
+        self.extra_meta.update(extra_meta or {})
         for split in list(self._open):
             self._finish(split)
         self.meta = {

@@ -186,14 +186,10 @@ class Trainer:
         grad_norm = torch.nn.utils.clip_grad_norm_(
             self.raw_model.parameters(), cfg.grad_clip if cfg.grad_clip > 0 else float("inf"))
         gn, loss_value = float(grad_norm), float(loss_sum)  # one device sync per step
-        if self.scaler and not math.isfinite(gn) and math.isfinite(loss_value):
-            # an fp16 overflow, not a diverged run: the scaler skips the step, lowers its scale
-            self.scaler.step(self.optimizer)
-            self.scaler.update()
-            self.optimizer.zero_grad(set_to_none=True)
-            self.step += 1
-            return loss_value, gn
-        if not (math.isfinite(gn) and math.isfinite(loss_value)):
+        # with fp16, overflowing gradients under a finite loss are the scaler's business: its
+        # step() skips the update and update() lowers the scale
+        fp16_overflow = self.scaler is not None and math.isfinite(loss_value)
+        if not (math.isfinite(gn) and math.isfinite(loss_value)) and not fp16_overflow:
             if cfg.nonfinite == "stop":
                 good = ckpt.latest_checkpoint(self.run_dir)
                 raise NonFiniteError(
