@@ -129,3 +129,34 @@ def autocast(device: torch.device, dtype: torch.dtype | None):
     if dtype is None:
         return contextlib.nullcontext()
     return torch.autocast(device_type=device.type, dtype=dtype)
+
+
+_M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD = -1, -3
+_allocator_tuned = False
+
+
+def keep_freed_memory() -> bool:
+    """Ask glibc's malloc to keep freed blocks for reuse instead of returning them to the OS.
+
+    A CPU training step allocates and frees the same activation buffers every
+    step. By default glibc serves blocks above its mmap threshold with fresh
+    pages and unmaps them on free, so every step page-faults its activations in
+    again: ~30,000 faults per step for the 6-layer benchmark model, several
+    percent of the step. Raising the mmap threshold to its maximum (32 MiB on
+    64-bit) and the trim threshold out of reach keeps those pages mapped (the
+    same effect as the jemalloc / tcmalloc preloads recommended for CPU
+    PyTorch). Process-wide and idempotent; a no-op off glibc. Returns whether it applied.
+    """
+    global _allocator_tuned
+    if _allocator_tuned:
+        return True
+    try:
+        import ctypes
+
+        libc = ctypes.CDLL("libc.so.6")
+        ok = (libc.mallopt(_M_MMAP_THRESHOLD, 32 << 20) == 1
+              and libc.mallopt(_M_TRIM_THRESHOLD, 1 << 30) == 1)
+    except (OSError, AttributeError):
+        return False
+    _allocator_tuned = ok
+    return ok

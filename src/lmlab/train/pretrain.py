@@ -18,13 +18,13 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 
 from lmlab.config import PretrainConfig, to_yaml
 from lmlab.data.loader import WindowBatches, eval_windows
 from lmlab.data.shards import TokenShards, atomic_write_text
 from lmlab.errors import ConfigError, InputError
 from lmlab.model import Transformer
+from lmlab.model.loss import linear_cross_entropy
 from lmlab.model_io import has_tokenizer_files, save_model_dir
 from lmlab.tokenizer import Tokenizer
 from lmlab.train.distributed import init_distributed, shutdown_distributed
@@ -53,8 +53,7 @@ class LanguageModelingTask:
 
     def loss(self, model, batch):
         x, y = batch
-        logits = model(x)
-        return F.cross_entropy(logits.float().view(-1, logits.size(-1)), y.reshape(-1))
+        return model(x, targets=y)  # mean cross-entropy, logits never materialised
 
     def tokens_per_step(self, accum, world):
         return self.batch_size * self.seq_len * accum * world
@@ -69,9 +68,8 @@ class LanguageModelingTask:
 
     def eval_sums(self, model, batch):
         x, y = batch
-        logits = model(x)
-        nats = F.cross_entropy(logits.float().view(-1, logits.size(-1)), y.reshape(-1),
-                               reduction="none")
+        hidden = model(x, return_hidden=True)
+        nats = linear_cross_entropy(hidden, model.lm_head.weight, y, reduction="none").view(-1)
         nbytes = self.token_bytes[y.reshape(-1)]
         # bits per byte counts text only: special tokens (EOS between documents) have no bytes
         return {"loss_sum": nats.sum().item(), "tokens": y.numel(),

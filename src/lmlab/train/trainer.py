@@ -41,7 +41,7 @@ from lmlab.errors import LmlabError
 from lmlab.model_io import WEIGHTS_FILE, load_state_dict_strict
 from lmlab.train import checkpoint as ckpt
 from lmlab.train.distributed import (Dist, all_reduce_sum, autocast, autocast_dtype,
-                                     broadcast_floats, no_sync, wrap_ddp)
+                                     broadcast_floats, keep_freed_memory, no_sync, wrap_ddp)
 from lmlab.train.metrics import MetricsLog, measured_peak_flops
 from lmlab.train.optim import build_adamw, cosine_with_warmup
 
@@ -86,6 +86,8 @@ class Trainer:
                  dist: Dist, tokenizer_dir: str | None = None,
                  callback: Callable[[str, dict], None] | None = None, flops_per_token: float = 0.0):
         self.raw_model = model.to(dist.device)
+        if dist.device.type == "cpu":
+            keep_freed_memory()
         self.task, self.cfg, self.dist = task, cfg, dist
         self.run_dir = Path(run_dir)
         self.tokenizer_dir = tokenizer_dir
