@@ -72,8 +72,7 @@ class _LinearCrossEntropy(torch.autograd.Function):
                 picked = picked * valid
                 p.mul_(valid[:, None])
             total -= picked.sum()
-            torch.mul(p, inv, out=p)
-            gc.copy_(p)
+            torch.mul(p, inv, out=gc)  # scaled and rounded to the compute dtype in one pass
             torch.mm(gc, w, out=grad_h[i:i + chunk])
         ctx.save_for_backward(grad_h, grad_z, h)
         return total * inv

@@ -131,8 +131,10 @@ def causal_attention_blocked(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
         end = min(T, start + block)
         s = q[..., start:end, :] @ k[..., :end, :].transpose(-1, -2)
         s = s.to(torch.promote_types(s.dtype, torch.float32)) * scale
-        allowed = torch.ones(end - start, end, dtype=torch.bool, device=q.device).tril(start)
-        p = s.masked_fill(~allowed, float("-inf")).softmax(-1).to(v.dtype)
+        # key j is visible to query i when j ≤ i (an index comparison inductor fuses in)
+        qi = torch.arange(start, end, device=q.device)[:, None]
+        kj = torch.arange(end, device=q.device)[None, :]
+        p = torch.where(kj <= qi, s, float("-inf")).softmax(-1).to(v.dtype)
         outs.append(p @ v[..., :end, :])
     return torch.cat(outs, dim=-2) if len(outs) > 1 else outs[0]
 
