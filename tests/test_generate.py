@@ -12,7 +12,6 @@ from lmlab.infer import (
     GenerationError, TextStreamer, generate, generate_ids, generate_text, sample_next,
     stream_text, top_k_filter, top_p_filter,
 )
-from lmlab.infer.generate import relayout_for_cpu_decode
 from lmlab.model import ModelConfig, Transformer
 
 FAMILIES = {
@@ -168,22 +167,6 @@ def test_empty_prompt_and_bad_ids_raise():
         generate(model, [], 5)
     with pytest.raises(GenerationError, match="outside"):
         generate(model, [1, 97], 5)
-
-
-def test_relayout_keeps_values_ties_and_trainability():
-    model = small("gpt2")
-    x = torch.randint(0, 97, (2, 9))
-    with torch.no_grad():
-        before = model(x)
-    assert relayout_for_cpu_decode(model) > 0
-    assert relayout_for_cpu_decode(model) == 0  # idempotent
-    assert model.lm_head.weight is model.tok_emb.weight
-    with torch.no_grad():
-        torch.testing.assert_close(model(x), before)
-    generate_ids(model, [1, 2, 3], 4, temperature=0)
-    model.train()
-    model(x).sum().backward()  # parameters are not inference tensors
-    assert model.blocks[0].attn.qkv.weight.grad is not None
 
 
 TEXT = "注意力机制 lets 模型 see 🤖🚀 and 👩‍💻 too. 北京🌏"

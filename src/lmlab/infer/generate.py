@@ -19,18 +19,18 @@ count from 0 at its first real token, so a row's result does not depend on
 what it was batched with (tested against one-at-a-time decoding).
 
 Speed: on a CPU at batch 1 a step of a small model takes a few milliseconds,
-most of it in matrix-vector products (one per weight matrix), then in the
-framework's per-op overhead. So the loop adds almost nothing per step: the
-cache, the masks and the position offsets are built once, a batch without
-padding passes no mask at all (the model then takes its mask-free path), only
-the last prompt position goes through the output layer, and the last new token
-is never fed back. On CPU, wide float32 weights are stored column-major once
-(`relayout_for_cpu_decode`), the layout in which MKL's matrix-vector product
-is about twice as fast. torch.compile was measured and is not used: on the
-model's forward, the cache's Python-int position makes it recompile at every
-step (34 s for the first compile on 2 cores); a static-cache step written for
-it compiled in ~10 s and then ran no faster than this eager loop (4.6 vs
-4.4 ms per token), because the matrix-vector products dominate either way.
+most of it streaming every weight matrix from memory for a matrix-vector
+product, then the framework's per-op overhead. So the loop adds almost nothing
+per step: the cache, the masks and the position offsets are built once, a batch
+without padding passes no mask at all (the model then takes its mask-free
+path), only the last prompt position goes through the output layer, and the
+last new token is never fed back. The products themselves go through
+`lmlab.model.transformer.Linear`, which on a CPU streams fp32 weights at two
+to three times the rate of `F.linear` for a few rows. torch.compile was
+measured and is not used: on the model's forward, the cache's Python-int
+position makes it recompile at every step (34 s for the first compile on 2
+cores); a static-cache step written for it compiled in ~10 s and then ran no
+faster than this eager loop, because the matrix-vector products dominate.
 
 Text helpers sit on top: `TextStreamer` turns the id stream into printable
 pieces without splitting a multi-byte character, `stream_text` and
@@ -45,7 +45,6 @@ from collections.abc import Iterable, Iterator, Sequence
 from typing import overload
 
 import torch
-from torch import nn
 
 from lmlab.infer.sampling import GenerationError, check_sampling_args, sample_next
 from lmlab.model.transformer import KVCache, Transformer
@@ -98,8 +97,6 @@ def generate(model, prompt_ids, max_new_tokens, *, temperature=1.0, top_k=None, 
         {eos_id} if isinstance(eos_id, int) else set(eos_id))
     if n_new == 0:
         return iter(())
-    if not model.training:
-        relayout_for_cpu_decode(model)
     decoder = _Decoder(model, rows, n_new, temperature, top_k, top_p, seed)
     steps = _run(decoder, n_new, stop_ids)
     return (step[0] for step in steps) if single else steps
@@ -170,39 +167,6 @@ def _run(decoder: "_Decoder", n_new: int, stop_ids: set[int]) -> Iterator[list[i
         # finished rows keep computing (their outputs are dropped): removing them
         # would mean reshaping the cache, which costs more than it saves at these sizes
         tokens = decoder.step(tokens)
-
-
-def relayout_for_cpu_decode(model: nn.Module) -> int:
-    """Store float32 CPU Linear weights with out >= in column-major; return how many changed.
-
-    Decoding multiplies one row vector by each weight matrix (a matrix-vector
-    product), whose speed depends on the weight's memory layout. With torch's
-    MKL on the reference CPU (2-core AMD EPYC), `x @ W.T` for W of shape
-    (out, in) with out > in runs about twice as fast when W is stored
-    column-major, i.e. as the contiguous (in, out) matrix GPT-2's Conv1D keeps:
-    1152x384 took 176 -> 97 us, 8192x384 (an output layer) 1201 -> 461 us;
-    square ones gain at batch 8 only (384x384: 94 -> 72 us), and for out < in
-    row-major is faster (384x1536: 129 vs 226 us), so those stay. The
-    matrix-vector products are most of a batch-1 step, which went from 6.6 to
-    4.4 ms for the "small" preset. Values, shapes, names and weight tying
-    are unchanged: only strides differ, so training, saving (which writes
-    contiguous tensors) and every other consumer see the same model. Other
-    dtypes and devices are left alone (bf16 is indifferent, fp16 is much slower
-    column-major, GPU libraries handle both layouts). Idempotent.
-    """
-    changed = 0
-    with torch.no_grad():
-        for module in model.modules():
-            if not isinstance(module, nn.Linear) or module.out_features < module.in_features:
-                continue
-            w = module.weight
-            if w.device.type != "cpu" or w.dtype != torch.float32 or w.stride() == (1, w.shape[0]):
-                continue
-            w.data = w.data.t().contiguous().t()  # same Parameter object, so ties survive
-            changed += 1
-    if changed:
-        logger.debug("stored %d Linear weights column-major for CPU decoding", changed)
-    return changed
 
 
 class _Decoder:

@@ -36,7 +36,7 @@ def _chunk_rows(vocab: int, device: torch.device) -> int:
     return max(32, min(4096, budget // vocab))
 
 
-def _compute_dtype(x: torch.Tensor) -> torch.dtype:
+def compute_dtype(x: torch.Tensor) -> torch.dtype:
     """The dtype autocast would run a Linear in here, else x's own."""
     dev = x.device.type
     try:
@@ -56,13 +56,14 @@ class _LinearCrossEntropy(torch.autograd.Function):
         grad_h = torch.empty_like(h)
         grad_z = torch.empty(N, V, dtype=h.dtype, device=h.device)
         z = torch.empty(min(chunk, N), V, dtype=h.dtype, device=h.device)
-        total = torch.zeros((), dtype=torch.float32, device=h.device)
+        acc = torch.promote_types(h.dtype, torch.float32)  # the softmax's dtype
+        total = torch.zeros((), dtype=acc, device=h.device)
         inv = 1.0 / max(1, n_valid)
         for i in range(0, N, chunk):
             hc, yc = h[i:i + chunk], y[i:i + chunk]
             zc, gc = z[:hc.shape[0]], grad_z[i:i + chunk]
             torch.mm(hc, w.t(), out=zc)
-            logp = torch.log_softmax(zc, -1, dtype=torch.float32)
+            logp = torch.log_softmax(zc, -1, dtype=acc)
             ysafe = yc.clamp_min(0)[:, None] if masked else yc[:, None]
             picked = logp.gather(1, ysafe).squeeze(1)
             p = logp.exp_()  # softmax, in place of the log-probabilities
@@ -87,9 +88,10 @@ class _LinearCrossEntropy(torch.autograd.Function):
 
 @torch.no_grad()
 def _token_nats(h, w, y, chunk: int) -> torch.Tensor:
-    out = torch.empty(h.shape[0], dtype=torch.float32, device=h.device)
+    acc = torch.promote_types(h.dtype, torch.float32)
+    out = torch.empty(h.shape[0], dtype=acc, device=h.device)
     for i in range(0, h.shape[0], chunk):
-        logp = torch.log_softmax(h[i:i + chunk] @ w.t(), -1, dtype=torch.float32)
+        logp = torch.log_softmax(h[i:i + chunk] @ w.t(), -1, dtype=acc)
         yc = y[i:i + chunk]
         nats = -logp.gather(1, yc.clamp_min(0)[:, None]).squeeze(1)
         out[i:i + chunk] = nats.masked_fill(yc == IGNORE_INDEX, 0.0)
@@ -107,7 +109,7 @@ def linear_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, targets: to
     gradient, for evaluation. Under autocast the multiplies run in its dtype and
     the softmax in fp32, as `F.cross_entropy(lm_head(h).float(), y)` would.
     """
-    dtype = _compute_dtype(hidden)
+    dtype = compute_dtype(hidden)
     h = hidden.reshape(-1, hidden.shape[-1]).to(dtype)
     w = weight.to(dtype)
     y = targets.reshape(-1)

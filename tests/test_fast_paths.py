@@ -1,0 +1,106 @@
+"""The model's fast paths equal the plain computations they replace.
+
+- `linear_cross_entropy` (chunked, gradient computed in the forward pass) vs
+  `F.cross_entropy(h @ W.T, y)`: loss and gradients, with ignored positions,
+  under bf16 autocast, and as per-token nats for evaluation;
+- `causal_attention_blocked` vs SDPA with `is_causal=True`: outputs and gradients;
+- `Linear`'s blocked matrix-vector product vs `F.linear`;
+- a training step of the whole model through these paths vs the same model
+  computing logits and calling `F.cross_entropy`, with SDPA attention.
+"""
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from lmlab.model import ModelConfig, Transformer
+from lmlab.model.loss import linear_cross_entropy
+from lmlab.model.transformer import Linear, causal_attention_blocked
+
+
+def plain_ce(h, w, y):
+    return F.cross_entropy((h @ w.t()).view(-1, w.shape[0]), y.reshape(-1))
+
+
+@pytest.mark.parametrize("chunk", [7, 64, None])
+def test_linear_cross_entropy_equals_plain(chunk):
+    g = torch.Generator().manual_seed(0)
+    h = torch.randn(3, 50, 24, generator=g, dtype=torch.float64, requires_grad=True)
+    w = torch.randn(101, 24, generator=g, dtype=torch.float64, requires_grad=True)
+    y = torch.randint(0, 101, (3, 50), generator=g)
+    y[0, :9] = -100  # not counted, as in SFT loss masking
+    y[2, -1] = -100
+    ref = plain_ce(h, w, y)
+    gh, gw = torch.autograd.grad(ref, (h, w))
+    got = linear_cross_entropy(h, w, y, chunk_rows=chunk)
+    fh, fw = torch.autograd.grad(got, (h, w))
+    torch.testing.assert_close(got, ref)
+    torch.testing.assert_close(fh, gh)
+    torch.testing.assert_close(fw, gw)
+    # sum, and per-token nats for evaluation
+    torch.testing.assert_close(linear_cross_entropy(h, w, y, reduction="sum", chunk_rows=chunk),
+                               ref * (y != -100).sum())
+    nats = linear_cross_entropy(h, w, y, reduction="none", chunk_rows=chunk)
+    plain = F.cross_entropy((h @ w.t()).transpose(1, 2), y, reduction="none")
+    torch.testing.assert_close(nats, plain)
+
+
+def test_linear_cross_entropy_under_bf16_autocast_matches_plain():
+    g = torch.Generator().manual_seed(1)
+    h = torch.randn(300, 32, generator=g, requires_grad=True)
+    w = (torch.randn(500, 32, generator=g) * 0.1).requires_grad_()
+    y = torch.randint(0, 500, (300,), generator=g)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        ref = F.cross_entropy(F.linear(h, w).float(), y)
+    gh, gw = torch.autograd.grad(ref, (h, w))
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        got = linear_cross_entropy(h, w, y, chunk_rows=64)
+    fh, fw = torch.autograd.grad(got, (h, w))
+    assert fh.dtype == h.dtype and fw.dtype == w.dtype  # gradients reach the fp32 leaves
+    torch.testing.assert_close(got, ref, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(fh, gh, atol=1e-5, rtol=1e-3)
+    torch.testing.assert_close(fw, gw, atol=1e-5, rtol=1e-3)
+
+
+@pytest.mark.parametrize("T", [1, 5, 64, 65, 200])
+def test_blocked_causal_attention_equals_sdpa(T):
+    g = torch.Generator().manual_seed(T)
+    q, k, v = (torch.randn(2, 3, T, 16, generator=g, dtype=torch.float64, requires_grad=True)
+               for _ in range(3))
+    out = causal_attention_blocked(q, k, v, block=32)
+    ref = F.scaled_dot_product_attention(q, k, v, is_causal=True)
+    torch.testing.assert_close(out, ref)
+    go = torch.randn(out.shape, generator=g, dtype=torch.float64)
+    for a, b in zip(torch.autograd.grad(out, (q, k, v), go), torch.autograd.grad(ref, (q, k, v), go)):
+        torch.testing.assert_close(a, b)
+
+
+@pytest.mark.parametrize("rows", [1, 3, 8, 16, 40])
+@pytest.mark.parametrize("shape", [(96, 32), (32, 96), (30, 17), (7, 5)])
+def test_linear_fast_matvec_equals_f_linear(rows, shape):
+    out_f, in_f = shape
+    layer = Linear(in_f, out_f)
+    x = torch.randn(rows, 1, in_f)
+    with torch.no_grad():
+        torch.testing.assert_close(layer(x), F.linear(x, layer.weight, layer.bias))
+        layer.bias = None
+        torch.testing.assert_close(layer(x), F.linear(x, layer.weight))
+
+
+def test_training_step_through_fast_paths_equals_plain_model(monkeypatch):
+    cfg = ModelConfig(vocab_size=300, n_layer=2, n_head=4, d_model=32, max_seq_len=300)
+    torch.manual_seed(0)
+    model = Transformer(cfg)
+    x = torch.randint(0, 300, (2, 260))  # > one 128-position attention block
+    y = torch.randint(0, 300, (2, 260))
+    fast = model(x, targets=y)
+    fast_grads = torch.autograd.grad(fast, list(model.parameters()))
+
+    import lmlab.model.transformer as tr
+    monkeypatch.setattr(tr, "causal_attention_blocked",
+                        lambda q, k, v: F.scaled_dot_product_attention(q, k, v, is_causal=True))
+    plain = F.cross_entropy(model(x).view(-1, 300), y.view(-1))
+    plain_grads = torch.autograd.grad(plain, list(model.parameters()))
+    torch.testing.assert_close(fast, plain)
+    for a, b in zip(fast_grads, plain_grads):
+        torch.testing.assert_close(a, b, atol=1e-6, rtol=1e-4)
