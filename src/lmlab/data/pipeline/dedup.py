@@ -6,9 +6,9 @@ Three phases, each a datatrove pipeline (see run.py):
    a 64-bit hash of its simplified text (lower case, no punctuation, one space)
    and its MinHash signature. It *passes documents through*, so the same phase
    writes them to the intermediate JSONL in the same order the signatures
-   number them. Signatures are written in datatrove's MinHash format, so
-   datatrove's `MinhashDedupBuckets` finds the colliding pairs per band.
-2. `MinhashDedupBuckets` (datatrove, one task per band).
+   number them. Signatures are written in datatrove's MinHash format.
+2. `BandBuckets`: the colliding pairs per band, in datatrove's pair format
+   (what its `MinhashDedupBuckets` computes, by a numpy sort instead of a Python heap).
 3. `DuplicateClusters` (one task): union-find over the MinHash pairs *and* the
    exact-hash groups together, so that one cluster keeps exactly one document —
    the first in input order (lowest task, then position). Two separate passes
@@ -99,7 +99,10 @@ class DedupSignatures(MinhashDedupSignature):
         several times cheaper than datatrove's (a·x + b) mod (2^61 − 1) in numpy.
         """
         a, b = self.parameters
-        return ((shingles * a + b) >> np.uint64(32)).min(axis=0).astype(np.uint32)
+        h = shingles * a  # (n, 1) × (1, H): one (n, H) array, then updated in place
+        h += b
+        h >>= np.uint64(32)
+        return h.min(axis=0).astype(np.uint32)
 
     def run(self, data: DocumentsPipeline, rank: int = 0, world_size: int = 1) -> DocumentsPipeline:
         cfg = self.config
@@ -145,6 +148,58 @@ class DedupSignatures(MinhashDedupSignature):
             out_dir = Path(self.exact_folder)
             out_dir.mkdir(parents=True, exist_ok=True)
             np.save(out_dir / f"{rank:05d}.npy", np.array(exact, dtype=_EXACT_DTYPE))
+
+
+class BandBuckets(PipelineStep):
+    """Stage 2 of MinHash: the documents whose band hashes collide, band by band, in numpy.
+
+    Reads datatrove's signature files (`bucket_BBB/TTTTT.minhash.sig`: per
+    document `rows` uint32 hashes and its uint32 position, sorted) and writes
+    datatrove's pair files (`BBBBB_00.dups`: `<4I` task, position, task,
+    position for each signature equal to the one before it in sorted order) —
+    what datatrove's `MinhashDedupBuckets` writes. datatrove merges the sorted
+    files through a Python heap, ~5 µs a signature (2.4 s of a 30,000-document
+    run with 40 bands, and it needs one task per band); a lexicographic sort of
+    each band's whole table does the same in ~1 % of that. Bands are dealt over
+    the tasks (band b to task b mod T), so the phase needs only as many tasks as
+    there are workers. Tested against datatrove's stage on the same files.
+    """
+
+    type = "🫂 - DEDUP"
+    name = "🎯 MinHash band buckets"
+
+    def __init__(self, sig_folder: str, pairs_folder: str, config: MinhashConfig):
+        super().__init__()
+        self.sig_folder, self.pairs_folder = Path(sig_folder), Path(pairs_folder)
+        self.bands, self.rows = config.num_buckets, config.hashes_per_bucket
+
+    def band_pairs(self, band: int) -> np.ndarray:
+        rec = np.dtype([("h", "<u4", (self.rows,)), ("doc", "<u4")])
+        hashes, tasks, docs = [], [], []
+        for f in sorted((self.sig_folder / f"bucket_{band:03d}").glob("*.minhash.sig")):
+            a = np.fromfile(f, dtype=rec)
+            hashes.append(a["h"])
+            docs.append(a["doc"])
+            tasks.append(np.full(len(a), int(f.name.removesuffix(".minhash.sig")), dtype=np.uint32))
+        if not hashes:
+            return np.zeros((0, 4), dtype="<u4")
+        h, t, d = np.concatenate(hashes), np.concatenate(tasks), np.concatenate(docs)
+        order = np.lexsort((d, t) + tuple(h[:, j] for j in reversed(range(self.rows))))
+        h, t, d = h[order], t[order], d[order]
+        same = np.nonzero((h[1:] == h[:-1]).all(axis=1))[0]
+        return np.stack([t[same], d[same], t[same + 1], d[same + 1]], axis=1).astype("<u4")
+
+    def run(self, data: DocumentsPipeline = None, rank: int = 0, world_size: int = 1):
+        self.pairs_folder.mkdir(parents=True, exist_ok=True)
+        for band in range(rank, self.bands, world_size):
+            with self.track_time():
+                pairs = self.band_pairs(band)
+                final = self.pairs_folder / f"{band:05d}_00.dups"
+                tmp = final.with_suffix(".dups.tmp")
+                pairs.tofile(tmp)
+                tmp.replace(final)  # a crashed task leaves no half-written pair file
+                self.stat_update("total_matches", value=len(pairs))
+        return iter(())
 
 
 class DuplicateClusters(PipelineStep):
