@@ -51,8 +51,11 @@ from lmlab.data.pipeline.text import RegexWordTokenizer, shingles, simplify
 
 KEEP, EXACT, NEAR = 0, 1, 2
 REASONS = {EXACT: "exact_duplicate", NEAR: "near_duplicate"}
+PARAGRAPH_REASON = "paragraph_duplicate"  # every line of the document was seen earlier
 _CLUSTER_DTYPE = np.dtype([("doc", "<u4"), ("action", "u1"), ("size", "<u4")])
 _EXACT_DTYPE = np.dtype([("hash", "<u8"), ("doc", "<u4")])
+_PARA_DTYPE = np.dtype([("hash", "<u8"), ("doc", "<u4"), ("line", "<u4")])
+_DROP_DTYPE = np.dtype([("doc", "<u4"), ("line", "<u4")])
 
 
 def minhash_config(bands: int, rows: int, seed: int = 1, ngram: int = 3) -> MinhashConfig:
@@ -66,16 +69,33 @@ def exact_hash(text: str) -> int:
     return int.from_bytes(hashlib.blake2b(simplify(text).encode(), digest_size=8).digest(), "little")
 
 
+def paragraph_hashes(text: str) -> list[tuple[int, int]]:
+    """(line index, 64-bit hash of its simplified text) for each line with any words.
+
+    CCNet (Wenzek et al. 2020) deduplicates at this level: a web page's
+    navigation, cookie banner and copyright lines recur on thousands of pages
+    whose body is unique, so whole-document dedup never removes them.
+    """
+    out = []
+    for i, line in enumerate(text.split("\n")):
+        s = simplify(line)
+        if s:
+            out.append((i, int.from_bytes(hashlib.blake2b(s.encode(), digest_size=8).digest(), "little")))
+    return out
+
+
 class DedupSignatures(MinhashDedupSignature):
     """Pass-through: records exact hashes and/or MinHash signatures of the documents it forwards."""
 
     name = "🔖 Dedup signatures"
 
     def __init__(self, exact_folder: str | None, minhash_folder: str | None,
-                 bands: int = 32, rows: int = 4, ngram: int = 3, unit: str = "word", seed: int = 1):
-        super().__init__(minhash_folder or exact_folder, config=minhash_config(bands, rows, seed, ngram),
-                         language=RegexWordTokenizer("en"))
+                 bands: int = 32, rows: int = 4, ngram: int = 3, unit: str = "word", seed: int = 1,
+                 paragraph_folder: str | None = None):
+        super().__init__(minhash_folder or exact_folder or paragraph_folder,
+                         config=minhash_config(bands, rows, seed, ngram), language=RegexWordTokenizer("en"))
         self.exact_folder = exact_folder
+        self.paragraph_folder = paragraph_folder
         self.minhash = minhash_folder is not None
         self.unit = unit
 
@@ -107,6 +127,7 @@ class DedupSignatures(MinhashDedupSignature):
     def run(self, data: DocumentsPipeline, rank: int = 0, world_size: int = 1) -> DocumentsPipeline:
         cfg = self.config
         exact: list[tuple[int, int]] = []
+        paragraphs: list[tuple[int, int, int]] = []
         docs: list[int] = []
         sigs: list[np.ndarray] = []
         doc_idx = 0
@@ -117,6 +138,8 @@ class DedupSignatures(MinhashDedupSignature):
                 self.stat_update(StatHints.total)
                 if self.exact_folder:
                     exact.append((exact_hash(doc.text), doc_idx))
+                if self.paragraph_folder:
+                    paragraphs.extend((h, doc_idx, line) for line, h in paragraph_hashes(doc.text))
                 if self.minhash:
                     sh = self.get_shingles(doc.text)
                     if sh.size:
@@ -148,6 +171,10 @@ class DedupSignatures(MinhashDedupSignature):
             out_dir = Path(self.exact_folder)
             out_dir.mkdir(parents=True, exist_ok=True)
             np.save(out_dir / f"{rank:05d}.npy", np.array(exact, dtype=_EXACT_DTYPE))
+        if self.paragraph_folder:
+            out_dir = Path(self.paragraph_folder)
+            out_dir.mkdir(parents=True, exist_ok=True)
+            np.save(out_dir / f"{rank:05d}.npy", np.array(paragraphs, dtype=_PARA_DTYPE))
 
 
 class BandBuckets(PipelineStep):
@@ -209,10 +236,42 @@ class DuplicateClusters(PipelineStep):
     name = "🧮 Duplicate clusters"
 
     def __init__(self, exact_folder: str | None, pairs_folder: str | None, out_folder: str,
-                 sigs_folder: str | None = None, min_similarity: float = 0.0):
+                 sigs_folder: str | None = None, min_similarity: float = 0.0,
+                 paragraph_folder: str | None = None):
         super().__init__()
         self.exact_folder, self.pairs_folder, self.out_folder = exact_folder, pairs_folder, out_folder
         self.sigs_folder, self.min_similarity = sigs_folder, min_similarity
+        self.paragraph_folder = paragraph_folder
+
+    def _paragraph_drops(self, removed: np.ndarray, out: Path) -> int:
+        """Mark every line whose text a kept document showed earlier; write per-task (doc, line) lists.
+
+        Lines of documents removed as duplicates do not count: the line stays in
+        the first *kept* document that has it.
+        """
+        parts = []
+        for f in sorted(Path(self.paragraph_folder).glob("*.npy")):
+            a = np.load(f)
+            parts.append((a, np.full(len(a), int(f.stem), dtype=np.uint64)))
+        if not parts:
+            return 0
+        a = np.concatenate([p[0] for p in parts])
+        task = np.concatenate([p[1] for p in parts])
+        key = task << np.uint64(32) | a["doc"].astype(np.uint64)
+        alive = ~np.isin(key, removed)
+        a, task, key = a[alive], task[alive], key[alive]
+        order = np.lexsort((a["line"], key, a["hash"]))  # by hash, then input order
+        h = a["hash"][order]
+        repeat = np.zeros(len(h), dtype=bool)
+        repeat[1:] = h[1:] == h[:-1]
+        drop = order[repeat]
+        for t in np.unique(task).tolist():
+            sel = drop[task[drop] == t]
+            rec = np.zeros(len(sel), dtype=_DROP_DTYPE)
+            rec["doc"], rec["line"] = a["doc"][sel], a["line"][sel]
+            rec.sort(order=["doc", "line"])
+            np.save(out / f"paragraphs_{t:05d}.npy", rec)
+        return int(len(drop))
 
     def _verify(self, edges: np.ndarray) -> np.ndarray:
         """Keep the LSH candidate pairs whose whole signatures agree on ≥ min_similarity of hashes.
@@ -300,6 +359,8 @@ class DuplicateClusters(PipelineStep):
         out = Path(self.out_folder)
         out.mkdir(parents=True, exist_ok=True)
         tasks = (nodes >> np.uint64(32)).astype(np.int64)
+        for old in out.glob("*.npy"):  # a re-run of this phase starts clean
+            old.unlink()
         for t in np.unique(tasks).tolist():
             sel = tasks == t
             rec = np.zeros(int(sel.sum()), dtype=_CLUSTER_DTYPE)
@@ -309,7 +370,11 @@ class DuplicateClusters(PipelineStep):
             rec.sort(order="doc")
             np.save(out / f"{t:05d}.npy", rec)
         hist = np.bincount(sizes[is_root]) if nodes.size else np.zeros(0, np.int64)
+        lines_dropped = 0
+        if self.paragraph_folder:
+            lines_dropped = self._paragraph_drops(nodes[action != KEEP], out)
         (out / "clusters.json").write_text(json.dumps({
+            "duplicate_lines": lines_dropped,
             "clusters": int(is_root.sum()),
             "documents_in_clusters": int(nodes.size),
             "removed_exact": int((action == EXACT).sum()),
@@ -336,18 +401,31 @@ class DuplicateFilter(PipelineStep):
         path = Path(self.clusters_folder) / f"{rank:05d}.npy"
         rec = np.load(path) if path.is_file() else np.zeros(0, dtype=_CLUSTER_DTYPE)
         marks = {int(d): (int(a), int(s)) for d, a, s in zip(rec["doc"], rec["action"], rec["size"])}
+        lines: dict[int, set[int]] = {}
+        para = Path(self.clusters_folder) / f"paragraphs_{rank:05d}.npy"
+        if para.is_file():
+            for d, line in np.load(para).tolist():
+                lines.setdefault(d, set()).add(line)
         with contextlib.ExitStack() as stack:
             writers = {r: stack.enter_context(w) for r, w in self.exclusion_writers.items() if w}
             for idx, doc in enumerate(data):
                 self.stat_update(StatHints.total)
                 action, size = marks.get(idx, (KEEP, 1))
+                if action == KEEP and idx in lines:
+                    kept = [t for i, t in enumerate(doc.text.split("\n")) if i not in lines[idx]]
+                    self.stat_update("duplicate_lines_removed", value=len(lines[idx]))
+                    if "".join(kept).strip():
+                        doc.text = "\n".join(kept)
+                        doc.metadata["duplicate_lines_removed"] = len(lines[idx])
+                    else:
+                        action = -1  # nothing of its own left
                 if action == KEEP:
                     if size > 1:
                         doc.metadata["duplicate_cluster_size"] = size
                     self.stat_update(StatHints.forwarded)
                     yield doc
                     continue
-                reason = REASONS[action]
+                reason = REASONS.get(action, PARAGRAPH_REASON)
                 self.stat_update(StatHints.dropped, f"dropped_{reason}")
                 if reason in writers:
                     doc.metadata["filter_reason"] = reason

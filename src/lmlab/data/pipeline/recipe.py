@@ -58,6 +58,8 @@ DEFAULTS: dict = {
     },
     "dedup": {
         "exact": {"enabled": True},
+        # CCNet-style: drop every line (paragraph) whose simplified text a kept document had earlier
+        "paragraph": {"enabled": False},
         "minhash": {
             "enabled": True,
             "unit": "word",       # "word" n-grams (English, code), "char" (Chinese), "auto" (mixed corpora)

@@ -91,6 +91,7 @@ class _Layout:
         self.sigs = self.work / "dedup" / "minhash_sigs"
         self.pairs = self.work / "dedup" / "minhash_pairs"
         self.clusters = self.work / "dedup" / "clusters"
+        self.paragraphs = self.work / "dedup" / "paragraphs"
         self.task_tokens = self.work / "tokens"
         self.documents = out / "documents"
         self.tokens = out / "tokens"
@@ -286,13 +287,15 @@ def run_recipe(recipe_path_or_dict, inputs: list[str], out_dir: str, workers: in
     b = _Builder(L, recipe)
     exact_on = recipe["dedup"]["exact"]["enabled"]
     mh = recipe["dedup"]["minhash"]
-    dedup_on = exact_on or mh["enabled"]
+    para_on = recipe["dedup"]["paragraph"]["enabled"]
+    dedup_on = exact_on or mh["enabled"] or para_on
     phases: list[tuple[str, list, int]] = []
     first = b.filter_steps(files)
     if dedup_on:
         first.append(DedupSignatures(str(L.exact) if exact_on else None,
                                      str(L.sigs) if mh["enabled"] else None,
-                                     mh["bands"], mh["rows"], mh["ngram"], mh["unit"], mh["seed"]))
+                                     mh["bands"], mh["rows"], mh["ngram"], mh["unit"], mh["seed"],
+                                     paragraph_folder=str(L.paragraphs) if para_on else None))
         first.append(_jsonl(L.filtered, compression=None))  # read back once: not worth compressing
         phases.append(("filter", first, tasks))
         if mh["enabled"]:
@@ -302,11 +305,13 @@ def run_recipe(recipe_path_or_dict, inputs: list[str], out_dir: str, workers: in
         phases.append(("clusters", [DuplicateClusters(str(L.exact) if exact_on else None,
                                                       str(L.pairs) if mh["enabled"] else None,
                                                       str(L.clusters), str(L.sigs) if mh["enabled"] else None,
-                                                      mh["min_similarity"])], 1))
+                                                      mh["min_similarity"],
+                                                      str(L.paragraphs) if para_on else None)], 1))
         final = [RankJsonlReader(str(L.filtered), add_file_path=False)]
         b.metered(final, "dedup", DuplicateFilter(str(L.clusters), {
             "exact_duplicate": b.excluded("exact_duplicate"),
-            "near_duplicate": b.excluded("near_duplicate")}))
+            "near_duplicate": b.excluded("near_duplicate"),
+            "paragraph_duplicate": b.excluded("paragraph_duplicate") if para_on else None}))
         final += b.output_steps(tokenizer_dir)
         phases.append(("final", final, tasks))
     else:
