@@ -26,3 +26,26 @@ def test_keep_by_language_and_score():
     zh, en = Document(text=chinese_prose(rng), id="z"), Document(text=english_prose(rng), id="e")
     assert f.filter(zh) is True and zh.metadata["language"] == "zh"
     assert f.filter(en) == (False, f"language_{en.metadata['language']}")
+
+
+def test_fasttext_model_file(tmp_path):
+    """A local fastText model (here one trained on the spot) is read and used like langid."""
+    import pytest
+
+    fasttext = pytest.importorskip("fasttext")
+    rng = random.Random(2)
+    train = tmp_path / "train.txt"
+    with open(train, "w", encoding="utf-8") as f:
+        for _ in range(200):
+            f.write("__label__en " + english_prose(rng, (1, 1)).replace("\n", " ") + "\n")
+            f.write("__label__zh " + " ".join(chinese_prose(rng, (1, 1)).replace("\n", "")) + "\n")
+    model = fasttext.train_supervised(str(train), epoch=5, minn=1, maxn=2, dim=8, verbose=0, seed=0)
+    model.save_model(str(tmp_path / "lid.bin"))
+
+    f = LanguageFilter(keep=["zh"], min_score=0.5, model=str(tmp_path / "lid.bin"))
+    f._hist = [0] * 20
+    zh = Document(text=" ".join(chinese_prose(rng, (1, 1))), id="z")
+    en = Document(text=english_prose(rng, (1, 1)), id="e")
+    assert f.filter(zh) is True and zh.metadata["language"] == "zh"
+    assert f.filter(en) == (False, "language_en")
+    assert 0.5 <= zh.metadata["language_score"] <= 1.0

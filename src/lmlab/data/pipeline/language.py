@@ -75,8 +75,12 @@ class LanguageFilter(BaseFilter):
         ft = fasttext.load_model(self.model)
 
         def classify(text: str):
-            labels, scores = ft.predict(text.replace("\n", " "), k=1)
-            return labels[0].removeprefix("__label__"), float(scores[0])
+            # the list form: fasttext's one-string predict calls np.array(copy=False), which
+            # NumPy 2 refuses
+            labels, scores = ft.predict([text.replace("\n", " ")], k=1)
+            if not labels[0]:
+                return "unknown", 0.0
+            return labels[0][0].removeprefix("__label__"), float(scores[0][0])
 
         return classify
 
