@@ -112,7 +112,7 @@ def linear_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, targets: to
     dtype = compute_dtype(hidden)
     h = hidden.reshape(-1, hidden.shape[-1]).to(dtype)
     w = weight.to(dtype)
-    y = targets.reshape(-1)
+    y = targets.reshape(-1).long()  # gather and scatter index with int64
     chunk = chunk_rows or _chunk_rows(w.shape[0], h.device)
     with torch.autocast(h.device.type, enabled=False):
         if reduction == "none":
