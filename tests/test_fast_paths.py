@@ -87,8 +87,15 @@ def test_linear_fast_matvec_equals_f_linear(rows, shape):
         torch.testing.assert_close(layer(x), F.linear(x, layer.weight))
 
 
-def test_training_step_through_fast_paths_equals_plain_model(monkeypatch):
-    cfg = ModelConfig(vocab_size=300, n_layer=2, n_head=4, d_model=32, max_seq_len=300)
+@pytest.mark.parametrize("sdpa_gqa", [True, False])  # False: torch < 2.5, K/V heads repeated
+@pytest.mark.parametrize("family", ["gpt2", "llama-gqa"])
+def test_training_step_through_fast_paths_equals_plain_model(monkeypatch, family, sdpa_gqa):
+    import lmlab.model.transformer as tr
+
+    monkeypatch.setattr(tr, "_SDPA_GQA", sdpa_gqa)
+    kw = {} if family == "gpt2" else dict(pos_emb="rope", norm="rmsnorm", mlp="swiglu",
+                                          n_kv_head=2, tie_embeddings=False, bias=False)
+    cfg = ModelConfig(vocab_size=300, n_layer=2, n_head=4, d_model=32, max_seq_len=300, **kw)
     torch.manual_seed(0)
     model = Transformer(cfg)
     x = torch.randint(0, 300, (2, 260))  # > one 128-position attention block
@@ -96,7 +103,6 @@ def test_training_step_through_fast_paths_equals_plain_model(monkeypatch):
     fast = model(x, targets=y)
     fast_grads = torch.autograd.grad(fast, list(model.parameters()))
 
-    import lmlab.model.transformer as tr
     monkeypatch.setattr(tr, "causal_attention_blocked",
                         lambda q, k, v: F.scaled_dot_product_attention(q, k, v, is_causal=True))
     plain = F.cross_entropy(model(x).view(-1, 300), y.view(-1))

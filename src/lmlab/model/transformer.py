@@ -203,20 +203,18 @@ class Attention(nn.Module):
         if cache is not None:
             past = cache.pos
             k, v = cache.update(layer, k, v)
+        # training on a CPU: the blocked path's backward beats SDPA's CPU kernel
+        blocked = (attn_mask is None and not past and T > 1 and x.device.type == "cpu"
+                   and torch.is_grad_enabled() and not (self.training and self.dropout))
         gqa = {}
         if self.n_kv_head != self.n_head:  # grouped-query attention: share each K/V head
-            if _SDPA_GQA:  # torch >= 2.5 shares the heads inside the kernel, without copies
+            if _SDPA_GQA and not blocked:  # torch >= 2.5 shares the heads inside the kernel
                 gqa = {"enable_gqa": True}
             else:
                 rep = self.n_head // self.n_kv_head
                 k = k.repeat_interleave(rep, dim=1)
                 v = v.repeat_interleave(rep, dim=1)
-        if (attn_mask is None and not past and T > 1 and x.device.type == "cpu"
-                and torch.is_grad_enabled() and not (self.training and self.dropout)):
-            # training on a CPU: the blocked path's backward beats SDPA's CPU kernel
-            if self.n_kv_head != self.n_head:
-                rep = self.n_head // self.n_kv_head
-                k, v = k.repeat_interleave(rep, dim=1), v.repeat_interleave(rep, dim=1)
+        if blocked:
             y = causal_attention_blocked(q, k, v)
             return self.proj(y.transpose(1, 2).reshape(B, T, -1))
         if attn_mask is None and past and T > 1:

@@ -49,9 +49,8 @@ from datatrove.utils.typeshelper import StatHints
 
 from lmlab.data.pipeline.text import RegexWordTokenizer, shingles, simplify
 
-KEEP, EXACT, NEAR = 0, 1, 2
-REASONS = {EXACT: "exact_duplicate", NEAR: "near_duplicate"}
-PARAGRAPH_REASON = "paragraph_duplicate"  # every line of the document was seen earlier
+KEEP, EXACT, NEAR, PARAGRAPH = 0, 1, 2, 3  # PARAGRAPH: every line was seen in an earlier document
+REASONS = {EXACT: "exact_duplicate", NEAR: "near_duplicate", PARAGRAPH: "paragraph_duplicate"}
 _CLUSTER_DTYPE = np.dtype([("doc", "<u4"), ("action", "u1"), ("size", "<u4")])
 _EXACT_DTYPE = np.dtype([("hash", "<u8"), ("doc", "<u4")])
 _PARA_DTYPE = np.dtype([("hash", "<u8"), ("doc", "<u4"), ("line", "<u4")])
@@ -65,8 +64,12 @@ def minhash_config(bands: int, rows: int, seed: int = 1, ngram: int = 3) -> Minh
                          hash_config=HashConfig(precision=32, hash_fc="sha1"))
 
 
+def _hash64(s: str) -> int:
+    return int.from_bytes(hashlib.blake2b(s.encode(), digest_size=8).digest(), "little")
+
+
 def exact_hash(text: str) -> int:
-    return int.from_bytes(hashlib.blake2b(simplify(text).encode(), digest_size=8).digest(), "little")
+    return _hash64(simplify(text))
 
 
 def paragraph_hashes(text: str) -> list[tuple[int, int]]:
@@ -76,12 +79,8 @@ def paragraph_hashes(text: str) -> list[tuple[int, int]]:
     navigation, cookie banner and copyright lines recur on thousands of pages
     whose body is unique, so whole-document dedup never removes them.
     """
-    out = []
-    for i, line in enumerate(text.split("\n")):
-        s = simplify(line)
-        if s:
-            out.append((i, int.from_bytes(hashlib.blake2b(s.encode(), digest_size=8).digest(), "little")))
-    return out
+    simple = (simplify(line) for line in text.split("\n"))
+    return [(i, _hash64(s)) for i, s in enumerate(simple) if s]
 
 
 class DedupSignatures(MinhashDedupSignature):
@@ -418,14 +417,14 @@ class DuplicateFilter(PipelineStep):
                         doc.text = "\n".join(kept)
                         doc.metadata["duplicate_lines_removed"] = len(lines[idx])
                     else:
-                        action = -1  # nothing of its own left
+                        action = PARAGRAPH  # nothing of its own left
                 if action == KEEP:
                     if size > 1:
                         doc.metadata["duplicate_cluster_size"] = size
                     self.stat_update(StatHints.forwarded)
                     yield doc
                     continue
-                reason = REASONS.get(action, PARAGRAPH_REASON)
+                reason = REASONS[action]
                 self.stat_update(StatHints.dropped, f"dropped_{reason}")
                 if reason in writers:
                     doc.metadata["filter_reason"] = reason

@@ -6,7 +6,7 @@ skips once they are complete (datatrove's `completions/` markers under
 
     filter    T tasks   read → normalise → language → quality → PII → decontaminate
                         → dedup signatures → intermediate JSONL          (no dedup: → outputs)
-    buckets   W tasks   datatrove MinhashDedupBuckets, bands dealt over the workers (MinHash on)
+    buckets   W tasks   BandBuckets: colliding pairs per band, bands dealt over the workers
     clusters  1 task    union-find over MinHash pairs + exact hashes      (any dedup on)
     final     T tasks   intermediate JSONL → drop duplicates → outputs
 
