@@ -2,7 +2,8 @@
 
 - `linear_cross_entropy` (chunked, gradient computed in the forward pass) vs
   `F.cross_entropy(h @ W.T, y)`: loss and gradients, with ignored positions,
-  under bf16 autocast, and as per-token nats for evaluation;
+  under bf16 autocast, and as per-token nats for evaluation; with its chunk
+  kernel eager and compiled (`compile_kernels`);
 - `causal_attention_blocked` vs SDPA with `is_causal=True`: outputs and gradients;
 - `Linear`'s blocked matrix-vector product vs `F.linear`;
 - a training step of the whole model through these paths vs the same model
@@ -14,6 +15,7 @@ import torch
 import torch.nn.functional as F
 
 from lmlab.model import ModelConfig, Transformer
+from lmlab.model import loss as loss_mod
 from lmlab.model.loss import linear_cross_entropy
 from lmlab.model.transformer import Linear, causal_attention_blocked
 
@@ -22,8 +24,16 @@ def plain_ce(h, w, y):
     return F.cross_entropy((h @ w.t()).view(-1, w.shape[0]), y.reshape(-1))
 
 
+@pytest.fixture(params=["eager", pytest.param("compiled", marks=pytest.mark.slow)])
+def chunk_kernel(request):
+    """Run the test with the loss's chunk kernel eager, then compiled by torch.compile."""
+    loss_mod.compile_kernels(request.param == "compiled")
+    yield request.param
+    loss_mod.compile_kernels(False)
+
+
 @pytest.mark.parametrize("chunk", [7, 64, None])
-def test_linear_cross_entropy_equals_plain(chunk):
+def test_linear_cross_entropy_equals_plain(chunk, chunk_kernel):
     g = torch.Generator().manual_seed(0)
     h = torch.randn(3, 50, 24, generator=g, dtype=torch.float64, requires_grad=True)
     w = torch.randn(101, 24, generator=g, dtype=torch.float64, requires_grad=True)
@@ -45,7 +55,7 @@ def test_linear_cross_entropy_equals_plain(chunk):
     torch.testing.assert_close(nats, plain)
 
 
-def test_linear_cross_entropy_under_bf16_autocast_matches_plain():
+def test_linear_cross_entropy_under_bf16_autocast_matches_plain(chunk_kernel):
     g = torch.Generator().manual_seed(1)
     h = torch.randn(300, 32, generator=g, requires_grad=True)
     w = (torch.randn(500, 32, generator=g) * 0.1).requires_grad_()

@@ -38,6 +38,7 @@ from torch import nn
 
 from lmlab.config import TrainConfig
 from lmlab.errors import LmlabError
+from lmlab.model.loss import compile_kernels
 from lmlab.model_io import WEIGHTS_FILE, load_state_dict_strict
 from lmlab.train import checkpoint as ckpt
 from lmlab.train.distributed import (Dist, all_reduce_sum, autocast, autocast_dtype,
@@ -110,6 +111,7 @@ class Trainer:
         self.model = wrap_ddp(self.raw_model, dist)
         if cfg.compile:
             self.model = torch.compile(self.model)
+            compile_kernels()  # the loss's chunk kernel, which the model's graph leaves out
 
     # ------------------------------------------------------------ state
 
