@@ -3,7 +3,7 @@
 - `linear_cross_entropy` (chunked, gradient computed in the forward pass) vs
   `F.cross_entropy(h @ W.T, y)`: loss and gradients, with ignored positions,
   under bf16 autocast, and as per-token nats for evaluation; with its chunk
-  kernel eager and compiled (`compile_kernels`);
+  kernel eager and compiled (`compiled_kernels`);
 - `causal_attention_blocked` vs SDPA with `is_causal=True`: outputs and gradients;
 - `Linear`'s blocked matrix-vector product vs `F.linear`;
 - a training step of the whole model through these paths vs the same model
@@ -27,9 +27,8 @@ def plain_ce(h, w, y):
 @pytest.fixture(params=["eager", pytest.param("compiled", marks=pytest.mark.slow)])
 def chunk_kernel(request):
     """Run the test with the loss's chunk kernel eager, then compiled by torch.compile."""
-    loss_mod.compile_kernels(request.param == "compiled")
-    yield request.param
-    loss_mod.compile_kernels(False)
+    with loss_mod.compiled_kernels(request.param == "compiled"):
+        yield request.param
 
 
 @pytest.mark.parametrize("chunk", [7, 64, None])

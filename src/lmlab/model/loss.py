@@ -23,14 +23,17 @@ idea is the one of Liger Kernel's fused linear cross-entropy and Apple's
 Cut Cross-Entropy, here in plain torch ops so it runs on every device.)
 
 The per-chunk softmax and gradient are five eager passes over the chunk's
-logits (log-softmax, exp, the one-hot subtraction, scaling, rounding). When the
-model is compiled (`train.compile`, which calls `compile_kernels()`), those
-passes are one `torch.compile`d function, `_softmax_grad_rows`: inductor makes
-it a max pass, a sum-of-exp pass and one pass that writes the gradient in the
-compute dtype, about 2.5× less time per chunk on the reference CPU.
+logits (log-softmax, exp, the one-hot subtraction, scaling, rounding). Inside
+`with compiled_kernels():` (the Trainer's steps when `train.compile` is on)
+those passes are one `torch.compile`d function, `_softmax_grad_rows`: inductor
+makes it a max pass, a sum-of-exp pass and one pass that writes the gradient
+in the compute dtype, about 2.5× less time per chunk on the reference CPU.
 """
 
 from __future__ import annotations
+
+import contextlib
+import contextvars
 
 import torch
 
@@ -61,7 +64,7 @@ def _softmax_grad_rows(z: torch.Tensor, y: torch.Tensor, inv: torch.Tensor,
     """Write (softmax(z) − onehot(y))·inv into grad_out; return Σ log p(y). Rows with y = −100 give 0.
 
     The same arithmetic as the eager passes in `_LinearCrossEntropy.forward`,
-    written as one function for `torch.compile` to fuse (see `compile_kernels`).
+    written as one function for `torch.compile` to fuse (see `compiled_kernels`).
     """
     zf = z.to(torch.promote_types(z.dtype, torch.float32))
     m = zf.amax(-1, keepdim=True)
@@ -74,14 +77,28 @@ def _softmax_grad_rows(z: torch.Tensor, y: torch.Tensor, inv: torch.Tensor,
     return torch.where(valid, logp_y, 0.0).sum()
 
 
-_compiled_rows = None  # `_softmax_grad_rows` under torch.compile, once `compile_kernels()` ran
+_use_compiled = contextvars.ContextVar("lmlab_compiled_loss_kernels", default=False)
+_compiled_rows = None  # `_softmax_grad_rows` under torch.compile, made on first use
 
 
-def compile_kernels(enabled: bool = True) -> None:
-    """Fuse the loss's per-chunk softmax and gradient with torch.compile (the Trainer calls
-    this when `train.compile` is on); `compile_kernels(False)` goes back to eager passes."""
+@contextlib.contextmanager
+def compiled_kernels(enabled: bool = True):
+    """Within this block, the loss's per-chunk softmax and gradient run as one torch.compile'd
+    kernel (the Trainer wraps its steps in it when `train.compile` is on)."""
+    token = _use_compiled.set(enabled)
+    try:
+        yield
+    finally:
+        _use_compiled.reset(token)
+
+
+def _chunk_kernel():
     global _compiled_rows
-    _compiled_rows = torch.compile(_softmax_grad_rows) if enabled else None
+    if not _use_compiled.get():
+        return None
+    if _compiled_rows is None:
+        _compiled_rows = torch.compile(_softmax_grad_rows)
+    return _compiled_rows
 
 
 class _LinearCrossEntropy(torch.autograd.Function):
@@ -94,7 +111,7 @@ class _LinearCrossEntropy(torch.autograd.Function):
         acc = torch.promote_types(h.dtype, torch.float32)  # the softmax's dtype
         total = torch.zeros((), dtype=acc, device=h.device)
         inv = 1.0 / max(1, n_valid)
-        kernel = _compiled_rows
+        kernel = _chunk_kernel()
         inv_t = torch.tensor(inv, dtype=acc, device=h.device) if kernel else None
         for i in range(0, N, chunk):
             hc, yc = h[i:i + chunk], y[i:i + chunk]

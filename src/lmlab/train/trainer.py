@@ -38,7 +38,7 @@ from torch import nn
 
 from lmlab.config import TrainConfig
 from lmlab.errors import LmlabError
-from lmlab.model.loss import compile_kernels
+from lmlab.model.loss import compiled_kernels
 from lmlab.model_io import WEIGHTS_FILE, load_state_dict_strict
 from lmlab.train import checkpoint as ckpt
 from lmlab.train.distributed import (Dist, all_reduce_sum, autocast, autocast_dtype,
@@ -111,7 +111,6 @@ class Trainer:
         self.model = wrap_ddp(self.raw_model, dist)
         if cfg.compile:
             self.model = torch.compile(self.model)
-            compile_kernels()  # the loss's chunk kernel, which the model's graph leaves out
 
     # ------------------------------------------------------------ state
 
@@ -181,7 +180,9 @@ class Trainer:
         loss_sum = torch.zeros((), device=d.device)
         for micro in range(cfg.grad_accum):
             batch = self.task.train_batch(self.step, micro, cfg.grad_accum, d.rank, d.world)
-            with no_sync(model, micro < cfg.grad_accum - 1), autocast(d.device, self.amp_dtype):
+            # with train.compile, the loss's chunk kernel (outside the model's graph) is compiled too
+            with (no_sync(model, micro < cfg.grad_accum - 1), autocast(d.device, self.amp_dtype),
+                  compiled_kernels(cfg.compile)):
                 loss = self.task.loss(model, batch) / cfg.grad_accum
             (self.scaler.scale(loss) if self.scaler else loss).backward()
             loss_sum += loss.detach()
