@@ -217,7 +217,7 @@ def _fit_rows(r) -> list[tuple[str, object]]:
     f = r.fit
     rows = [("status", f.status), ("steps", f.step), ("parameters", r.params),
             ("tokens seen", f.tokens_seen), ("train seconds", f"{f.seconds:.0f}"),
-            ("tokens/s", f"{f.tokens_seen / max(f.seconds, 1e-9):,.0f}"), ("MFU", f"{f.mfu:.1%}"),
+            ("tokens/s", f"{f.tokens_per_sec:,.0f}"), ("MFU", f"{f.mfu:.1%}"),
             ("train loss", f"{f.last_train_loss:.4f}")]
     for k in ("val_loss", "val_ppl", "val_bpb"):
         if k in f.val:

@@ -151,7 +151,7 @@ def quickstart(corpus: list[str] | None = None, minutes: float = 10.0, out: str 
     summary = {
         "params": result.params,
         "tokens_seen": fit.tokens_seen,
-        "tokens_per_sec": fit.tokens_seen / fit.seconds if fit.seconds else 0.0,
+        "tokens_per_sec": fit.tokens_per_sec,  # steady state, the same window as the MFU
         "mfu": fit.mfu,
         "val_loss": fit.val.get("val_loss"),
         "val_bpb": fit.val.get("val_bpb"),

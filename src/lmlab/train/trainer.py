@@ -67,8 +67,8 @@ class FitResult:
     step: int
     status: str  # "finished" | "time limit" | "interrupted (SIGINT)" | ...
     tokens_seen: int
-    seconds: float
-    tokens_per_sec: float
+    seconds: float  # training time of the whole run (resumes added up), compilation included
+    tokens_per_sec: float  # steady state: over the last logging window, like `mfu`
     mfu: float
     last_train_loss: float
     val: dict[str, float] = field(default_factory=dict)
