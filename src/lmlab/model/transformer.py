@@ -160,23 +160,36 @@ def causal_attention_blocked(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
 
     Query block i only multiplies the keys it may see (positions < (i+1)·block),
     so a causal pass does (n+1)/2n of the full Q Kᵀ and P V work for n blocks
-    (3/4 at 256 positions, 9/16 at 1,024). Scores are softmaxed in fp32. On a
-    CPU, forward plus backward through this (autograd, or inductor's fusion of
-    it under torch.compile) is faster than SDPA's CPU flash kernel, whose
-    backward pass dominates a training step; SDPA is used everywhere else.
+    (3/4 at 256 positions, 9/16 at 1,024). Scores are softmaxed in fp32. Eager,
+    the mask is a 0 / −∞ bias that the scores' multiply adds in (`baddbmm`);
+    under torch.compile, inductor fuses it into the softmax. The two give the
+    same bits when the scale is a power of two. On a CPU, forward plus backward
+    through this (autograd, or inductor's fusion of it under torch.compile) is
+    faster than SDPA's CPU flash kernel, whose backward pass dominates a
+    training step; SDPA is used everywhere else.
     """
-    T, scale = q.shape[-2], q.shape[-1] ** -0.5
+    T, D = q.shape[-2:]
+    scale, acc = D ** -0.5, torch.promote_types(q.dtype, torch.float32)  # acc: the softmax's
+    compiling = torch.compiler.is_compiling()
+    if not compiling:  # baddbmm wants (batch·heads, T, D)
+        lead = q.shape[:-2]
+        q, k, v = (t.reshape(-1, T, D) for t in (q, k, v))
     outs = []
     for start in range(0, T, block):
         end = min(T, start + block)
-        s = q[..., start:end, :] @ k[..., :end, :].transpose(-1, -2)
-        s = s.to(torch.promote_types(s.dtype, torch.float32)) * scale
-        # key j is visible to query i when j ≤ i (an index comparison inductor fuses in)
+        qb, kb, vb = q[..., start:end, :], k[..., :end, :], v[..., :end, :]
+        # key j is visible to query i when j ≤ i
         qi = torch.arange(start, end, device=q.device)[:, None]
         kj = torch.arange(end, device=q.device)[None, :]
-        p = torch.where(kj <= qi, s, float("-inf")).softmax(-1).to(v.dtype)
-        outs.append(p @ v[..., :end, :])
-    return torch.cat(outs, dim=-2) if len(outs) > 1 else outs[0]
+        if compiling:  # inductor fuses mask and scale into its softmax kernel
+            s = torch.where(kj <= qi, (qb @ kb.transpose(-1, -2)).to(acc) * scale, float("-inf"))
+        else:  # eager: the multiply adds the mask in, as a 0 / −∞ bias (two passes fewer)
+            bias = torch.zeros(end - start, end, dtype=q.dtype, device=q.device)
+            s = torch.baddbmm(bias.masked_fill_(kj > qi, float("-inf")), qb, kb.transpose(1, 2),
+                              alpha=scale)
+        outs.append(torch.softmax(s, -1, dtype=acc).to(v.dtype) @ vb)
+    y = torch.cat(outs, dim=-2) if len(outs) > 1 else outs[0]
+    return y if compiling else y.view(*lead, T, D)
 
 
 class Attention(nn.Module):
