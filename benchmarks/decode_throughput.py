@@ -33,8 +33,8 @@ from lmlab.model import Transformer, preset
 
 
 def build_models(preset_name: str, vocab_size: int, dtype: torch.dtype, seed: int,
-                 attn: str = "sdpa"):
-    """(lmlab model, HF model with attention implementation `attn`) holding identical weights."""
+                 attns: tuple[str, ...] = ("sdpa", "eager")):
+    """(lmlab model, {attention implementation: HF model}), all holding identical weights."""
     import transformers
 
     torch.manual_seed(seed)
@@ -42,19 +42,23 @@ def build_models(preset_name: str, vocab_size: int, dtype: torch.dtype, seed: in
     hf_config, state = to_hf_state_dict(model)
     cfg = dict(hf_config)
     config = transformers.AutoConfig.for_model(cfg.pop("model_type"), **cfg)
-    hf = transformers.AutoModelForCausalLM.from_config(config, attn_implementation=attn).eval()
-    missing, unexpected = hf.load_state_dict(state, strict=False)
-    # a tied head is not in the state dict; it is the embedding, tied again below
-    missing = [k for k in missing if not (k == "lm_head.weight" and config.tie_word_embeddings)]
-    if missing or unexpected:
-        raise RuntimeError(f"weight conversion mismatch: missing {missing}, "
-                           f"unexpected {unexpected}")
-    hf.tie_weights()
-    # greedy with no end token: both sides must produce exactly --new-tokens tokens, and
-    # HF's min_new_tokens would otherwise change its argmax by masking the EOS logit
-    hf.generation_config.eos_token_id = None
-    hf.generation_config.pad_token_id = 0
-    return model.to(dtype), hf.to(dtype)
+    hfs = {}
+    for attn in attns:
+        hf = transformers.AutoModelForCausalLM.from_config(config, attn_implementation=attn).eval()
+        missing, unexpected = hf.load_state_dict(state, strict=False)
+        # a tied head is not in the state dict; it is the embedding, tied again below
+        missing = [k for k in missing
+                   if not (k == "lm_head.weight" and config.tie_word_embeddings)]
+        if missing or unexpected:
+            raise RuntimeError(f"weight conversion mismatch: missing {missing}, "
+                               f"unexpected {unexpected}")
+        hf.tie_weights()
+        # greedy with no end token: both sides must produce exactly --new-tokens tokens, and
+        # HF's min_new_tokens would otherwise change its argmax by masking the EOS logit
+        hf.generation_config.eos_token_id = None
+        hf.generation_config.pad_token_id = 0
+        hfs[attn] = hf.to(dtype)
+    return model.to(dtype), hfs
 
 
 def time_lmlab(model, prompts: torch.Tensor, n_new: int) -> tuple[float, list[list[int]]]:
@@ -112,9 +116,7 @@ def main(argv=None) -> None:
     if args.threads:
         torch.set_num_threads(args.threads)
     dtype = getattr(torch, args.dtype)
-    model, hf_sdpa = build_models(args.preset, args.vocab_size, dtype, args.seed, "sdpa")
-    hfs = {"sdpa": hf_sdpa, "eager": build_models(args.preset, args.vocab_size, dtype,
-                                                   args.seed, "eager")[1]}
+    model, hfs = build_models(args.preset, args.vocab_size, dtype, args.seed)
     print(f"preset {args.preset} ({model.num_params() / 1e6:.1f}M params, {args.dtype}), "
           f"prompt {args.prompt_len} + {args.new_tokens} new tokens, greedy, "
           f"median of {args.repeats}; torch {torch.__version__}, transformers "
@@ -135,13 +137,12 @@ def main(argv=None) -> None:
                 if r >= args.warmup:
                     times[name].append(dt)
         tps = {k: batch * args.new_tokens / statistics.median(v) for k, v in times.items()}
-        attn = max(hfs, key=lambda a: tps[a])
         same = "; ".join(f"{a}: {first_difference(outs['lmlab'], outs[a])}" for a in hfs)
-        rows.append((batch, tps["lmlab"], tps["sdpa"], tps["eager"], attn, same))
+        rows.append((batch, tps["lmlab"], tps["sdpa"], tps["eager"], same))
 
     print(f"\n{'batch':>5}  {'lmlab tok/s':>11}  {'HF sdpa':>9}  {'HF eager':>9}  "
           f"{'lmlab/faster HF':>15}  greedy tokens vs HF")
-    for batch, ours, sdpa, eager, attn, same in rows:
+    for batch, ours, sdpa, eager, same in rows:
         print(f"{batch:>5}  {ours:>11.1f}  {sdpa:>9.1f}  {eager:>9.1f}  "
               f"{ours / max(sdpa, eager):>14.2f}x  {same}")
 

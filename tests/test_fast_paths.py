@@ -4,7 +4,9 @@
   `F.cross_entropy(h @ W.T, y)`: loss and gradients, with ignored positions,
   under bf16 autocast, and as per-token nats for evaluation; with its chunk
   kernel eager and compiled (`compiled_kernels`);
-- `causal_attention_blocked` vs SDPA with `is_causal=True`: outputs and gradients;
+- `causal_attention_blocked` vs SDPA with `is_causal=True`: outputs and gradients,
+  eager (mask as a bias in the multiply) and under torch.compile (mask fused
+  into the softmax);
 - `Linear`'s blocked matrix-vector product vs `F.linear`;
 - a training step of the whole model through these paths vs the same model
   computing logits and calling `F.cross_entropy`, with SDPA attention.
@@ -71,12 +73,16 @@ def test_linear_cross_entropy_under_bf16_autocast_matches_plain(chunk_kernel):
     torch.testing.assert_close(fw, gw, atol=1e-5, rtol=1e-3)
 
 
-@pytest.mark.parametrize("T", [1, 5, 64, 65, 200])
-def test_blocked_causal_attention_equals_sdpa(T):
+@pytest.mark.parametrize("T, compiled", [(1, False), (5, False), (64, False), (65, False),
+                                         (200, False), pytest.param(200, True, marks=pytest.mark.slow)])
+def test_blocked_causal_attention_equals_sdpa(T, compiled):
     g = torch.Generator().manual_seed(T)
     q, k, v = (torch.randn(2, 3, T, 16, generator=g, dtype=torch.float64, requires_grad=True)
                for _ in range(3))
-    out = causal_attention_blocked(q, k, v, block=32)
+    attend = causal_attention_blocked
+    if compiled:  # its other branch: the mask fused into the softmax by inductor
+        attend = torch.compile(causal_attention_blocked, dynamic=False)
+    out = attend(q, k, v, block=32)
     ref = F.scaled_dot_product_attention(q, k, v, is_causal=True)
     torch.testing.assert_close(out, ref)
     go = torch.randn(out.shape, generator=g, dtype=torch.float64)

@@ -185,8 +185,8 @@ def causal_attention_blocked(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
             s = torch.where(kj <= qi, (qb @ kb.transpose(-1, -2)).to(acc) * scale, float("-inf"))
         else:  # eager: the multiply adds the mask in, as a 0 / −∞ bias (two passes fewer)
             bias = torch.zeros(end - start, end, dtype=q.dtype, device=q.device)
-            s = torch.baddbmm(bias.masked_fill_(kj > qi, float("-inf")), qb, kb.transpose(1, 2),
-                              alpha=scale)
+            s = torch.baddbmm(bias.masked_fill_(kj > qi, float("-inf")), qb,
+                              kb.transpose(-1, -2), alpha=scale)
         outs.append(torch.softmax(s, -1, dtype=acc).to(v.dtype) @ vb)
     y = torch.cat(outs, dim=-2) if len(outs) > 1 else outs[0]
     return y if compiling else y.view(*lead, T, D)
