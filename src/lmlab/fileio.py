@@ -1,0 +1,99 @@
+"""Atomic writes: the one way lmlab puts a file or a directory on disk.
+
+A reader (another process, or the next run after a crash) sees either the old
+content or the new one, never half of it. Every writer in lmlab goes through
+these three:
+
+- `atomic_file(path)`: a context manager yielding a binary file object; the data
+  goes to a temporary name beside `path` (`.NAME.tmp-XXXX`), is fsynced, and is
+  renamed onto `path` only if the block finishes without an exception.
+- `atomic_write_text(path, text)` / `atomic_write_bytes(path, data)`: the same for
+  content already in memory.
+- `write_dir_atomically(out_dir, write_files)`: a directory written whole. A new
+  directory appears in one rename; an existing one (a training run, which also
+  holds checkpoints and metrics that must survive) gets each file renamed into
+  place, `last` after the others.
+
+Temporary names all start with "." and contain ".tmp-", so a later run can tell
+litter from output (`TMP_MARK`).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import shutil
+import tempfile
+from pathlib import Path
+from typing import BinaryIO, Callable, Iterator
+
+from lmlab.errors import InputError
+
+TMP_MARK = ".tmp-"
+
+
+def _tmp_name(path: Path) -> Path:
+    fd, name = tempfile.mkstemp(prefix=f".{path.name}{TMP_MARK}", dir=path.parent)
+    os.close(fd)
+    return Path(name)
+
+
+@contextlib.contextmanager
+def atomic_file(path: str | os.PathLike, mkdir: bool = True) -> Iterator[BinaryIO]:
+    """Open `path` for binary writing; it appears, complete, only when the block succeeds."""
+    path = Path(path)
+    if mkdir:
+        path.parent.mkdir(parents=True, exist_ok=True)
+    if path.is_dir():
+        raise InputError(f"{path}: is a directory; choose a file path")
+    tmp = _tmp_name(path)
+    try:
+        with open(tmp, "wb") as f:
+            yield f
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+
+
+def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
+    with atomic_file(path) as f:
+        f.write(data)
+
+
+def atomic_write_text(path: str | os.PathLike, text: str) -> None:
+    """Write a UTF-8 text file so that readers see the old or the new content, never a half."""
+    atomic_write_bytes(path, text.encode("utf-8"))
+
+
+def write_dir_atomically(out_dir: str | os.PathLike, write_files: Callable[[Path], None],
+                         last: str | None = "config.json") -> Path:
+    """Run `write_files(tmp_dir)` and move what it wrote to `out_dir` by renames.
+
+    A new `out_dir` appears in one rename. An existing one keeps what it holds
+    beyond the files written; each written file is renamed into place, `last`
+    after the others (e.g. the config after the weights, so a config never
+    describes weights that are not there yet).
+    """
+    out = Path(out_dir)
+    if out.exists() and not out.is_dir():
+        raise InputError(f"{out}: exists and is not a directory; choose another output path")
+    fresh = not out.exists()
+    stage_parent = out.parent if fresh else out
+    stage_parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}{TMP_MARK}", dir=stage_parent))
+    try:
+        write_files(tmp)
+        if fresh:
+            os.replace(tmp, out)
+        else:
+            for name in sorted((p.name for p in tmp.iterdir()), key=lambda n: n == last):
+                target = out / name
+                if target.is_dir():  # a sub-directory is replaced whole
+                    shutil.rmtree(target)
+                os.replace(tmp / name, target)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)  # a no-op once renamed away
+    return out
