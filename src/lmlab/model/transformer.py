@@ -25,7 +25,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from lmlab.model.config import ModelConfig
+from lmlab.model import register_kind
+from lmlab.model.config import ModelConfig, preset
 from lmlab.model.loss import compute_dtype, linear_cross_entropy
 
 _SDPA_GQA = "enable_gqa" in (F.scaled_dot_product_attention.__doc__ or "")
@@ -283,9 +284,50 @@ class Block(nn.Module):
         return x + self.mlp(self.norm2(x))
 
 
+# ---------------------------------------------------------------- decode state
+
+class DecodeState:
+    """What `Transformer.decode_step` carries between steps: the KV cache, and for a
+    left-padded batch the key mask and per-row position offsets, built once.
+
+    Left padding puts every row's last prompt token in the same column, so the
+    cache keeps one `pos`. A boolean mask hides pad columns from every query,
+    and each row's positions count from 0 at its first real token, so a row's
+    result does not depend on what it was batched with.
+    """
+
+    def __init__(self, cfg: ModelConfig, batch_size: int, max_len: int, device, dtype,
+                 pad: torch.Tensor | None = None):
+        self.cache = KVCache(cfg, batch_size, max_len, device, dtype)
+        self.pad = self.key_mask = None
+        if pad is not None and bool((pad > 0).any()):
+            self.pad = pad.to(device)[:, None]
+            # (B, 1, 1, max_len): True where the key is a real token
+            self.key_mask = (torch.arange(max_len, device=device)[None, :] >= self.pad)[:, None, None]
+
+    def mask_and_positions(self, T: int):
+        if self.pad is None:
+            return None, None  # no padding: the model's mask-free path
+        pos = self.cache.pos
+        keys = self.key_mask[..., :pos + T]
+        positions = (torch.arange(pos, pos + T, device=keys.device)[None, :] - self.pad).clamp(min=0)
+        if T == 1:
+            return keys, positions
+        causal = torch.ones(T, pos + T, dtype=torch.bool, device=keys.device).tril(pos)
+        # each pad query may see itself: for a query with no visible key, softmax is 0/0 and
+        # some torch versions and kernels return NaN, which would then flow into later
+        # layers' pad keys and, as 0 * NaN, into the real rows
+        itself = torch.zeros(T, pos + T, dtype=torch.bool, device=keys.device)
+        itself[:, pos:] = torch.eye(T, dtype=torch.bool, device=keys.device)
+        return (causal & keys) | itself, positions
+
+
 # ---------------------------------------------------------------- the model
 
+@register_kind("transformer")
 class Transformer(nn.Module):
+    """The decoder-only Transformer, GPT-2 or LLaMA by its `ModelConfig` (kind "transformer")."""
+
     def __init__(self, cfg: ModelConfig):
         super().__init__()
         self.cfg = cfg
@@ -334,14 +376,55 @@ class Transformer(nn.Module):
             angles = angles[:, None]
         return angles.cos().to(dtype), angles.sin().to(dtype)
 
+    # ------------------------------------------------ the kind protocol (see lmlab.model)
+
+    @classmethod
+    def from_config_dict(cls, d: dict) -> "Transformer":
+        return cls(ModelConfig.from_dict(d))
+
+    @classmethod
+    def from_spec(cls, fields: dict) -> "Transformer":
+        """`fields`: a preset name under "preset" (default "small") and overrides of its fields."""
+        fields = dict(fields)
+        return cls(preset(fields.pop("preset", None) or "small", **fields))
+
+    def config_dict(self) -> dict:
+        return self.cfg.to_dict()
+
+    @property
+    def vocab_size(self) -> int:
+        return self.cfg.vocab_size
+
+    @property
+    def max_seq_len(self) -> int:
+        return self.cfg.max_seq_len
+
+    def flops_per_token(self, seq_len: int | None = None) -> float:
+        return self.cfg.flops_per_token(seq_len)
+
+    def new_decode_state(self, batch_size: int, max_len: int,
+                         pad: torch.Tensor | None = None) -> DecodeState:
+        param = self.tok_emb.weight
+        return DecodeState(self.cfg, batch_size, max_len, param.device, param.dtype, pad)
+
+    def decode_step(self, input_ids: torch.Tensor, state: DecodeState) -> torch.Tensor:
+        mask, positions = state.mask_and_positions(input_ids.shape[1])
+        h = self(input_ids, cache=state.cache, attn_mask=mask, positions=positions,
+                 return_hidden=True)
+        # only the last position's logits are needed; the others would cost T x vocab x d
+        return self.lm_head(h[:, -1])
+
+    # ------------------------------------------------ forward
+
     def forward(self, input_ids: torch.Tensor, cache: KVCache | None = None,
                 attn_mask: torch.Tensor | None = None, positions: torch.Tensor | None = None,
-                return_hidden: bool = False, targets: torch.Tensor | None = None):
+                return_hidden: bool = False, targets: torch.Tensor | None = None,
+                reduction: str = "mean"):
         """Logits (B, T, vocab) for token ids (B, T).
 
-        With `targets` (B, T; -100 = not counted) it returns instead the mean
-        next-token cross-entropy, computed by `linear_cross_entropy` without
-        materialising the logits.
+        With `targets` (B, T; -100 = not counted) it returns instead the
+        next-token cross-entropy (`reduction` as in `linear_cross_entropy`),
+        computed without materialising the logits.
 
         With `cache`, the ids continue the cached positions and the cache advances.
         `attn_mask` (bool, broadcastable to (B, H, T, past+T); True = may attend)
@@ -367,7 +450,7 @@ class Transformer(nn.Module):
             cache.pos += T
         x = self.norm(x)
         if targets is not None:
-            return linear_cross_entropy(x, self.lm_head.weight, targets)
+            return linear_cross_entropy(x, self.lm_head.weight, targets, reduction=reduction)
         return x if return_hidden else self.lm_head(x)
 
     def num_params(self) -> int:
