@@ -15,15 +15,16 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:  # keep `import lmlab` light: torch loads on first use
-    from lmlab.model import Transformer
+    from torch import nn
+
     from lmlab.tokenizer import Tokenizer
 
 
 @dataclass
 class LoadedModel:
-    """A model directory in memory: `.model` (torch.nn.Module) and `.tokenizer`."""
+    """A model directory in memory: `.model` (a torch.nn.Module of any kind) and `.tokenizer`."""
 
-    model: "Transformer"
+    model: "nn.Module"
     tokenizer: "Tokenizer"
     path: Path
 
@@ -36,7 +37,9 @@ class LoadedModel:
 
 
 def load(path: str | Path, device: str = "cpu", dtype=None) -> LoadedModel:
-    """Load an lmlab model directory (config.json, model.safetensors, tokenizer files)."""
+    """Load an lmlab model directory (config.json, model.safetensors, tokenizer files).
+
+    The model is built as the kind its config.json names (`lmlab.model.model_kinds()`)."""
     from lmlab.model_io import load_model_dir
     from lmlab.tokenizer import Tokenizer
 

@@ -323,8 +323,10 @@ def cmd_export_hf(a) -> int:
 def cmd_import_hf(a) -> int:
     from lmlab.interop.hf import import_hf
 
+    from lmlab.model_io import read_model_config
+
     import_hf(a.hf_dir, a.out)
-    cfg = json.loads((Path(a.out) / "config.json").read_text())["lmlab_model"]
+    _, cfg = read_model_config(a.out)
     out.print(f"wrote an lmlab model ({cfg['n_layer']} layers, d_model {cfg['d_model']}, "
               f"{cfg['pos_emb']} positions) to {a.out}; try: lmlab generate --model {a.out}",
               soft_wrap=True)

@@ -2,20 +2,22 @@
 
 A model directory holds
 
-    config.json         the architecture, as ``{"lmlab_model": {...ModelConfig...}}``
-    model.safetensors   the weights, by the parameter names of `lmlab.model.Transformer`
+    config.json         {"kind": "transformer", "lmlab_model": {...the model's config_dict()...}}
+    model.safetensors   the weights, by the model's parameter names
     tokenizer files     tokenizer.json, tokenizer_config.json, ... (optional)
 
-Weights go through safetensors only (never pickle), so loading a directory
-cannot run code. Tied input/output embeddings are stored once, under
-``tok_emb.weight``: safetensors refuses two names for one storage, and one copy
-is also what the tie means.
+This module is the only place that knows that layout. `kind` names the model
+class through the registry in `lmlab.model` (a config.json written before
+kinds existed has no "kind" and is a Transformer). Weights go through
+safetensors only (never pickle), so loading a directory cannot run code. A
+tensor that two names share (tied input/output embeddings) is stored once,
+under its first name in the state dict: safetensors refuses two names for one
+storage, and one copy is also what the tie means.
 
-Writes are atomic where it matters: a new directory is built under a temporary
-name beside the target and renamed into place, so a reader never sees half a
-model; into an existing directory (e.g. a training run that also holds
-metrics and checkpoints) each file is written to a temporary name and renamed,
-weights first and config.json last.
+Writes are atomic (`lmlab.fileio.write_dir_atomically`): a new directory
+appears in one rename, so a reader never sees half a model; into an existing
+directory (a training run that also holds metrics and checkpoints) each file
+is renamed into place, weights first and config.json last.
 """
 
 from __future__ import annotations
@@ -24,24 +26,27 @@ import json
 import logging
 import os
 import shutil
-import tempfile
 from pathlib import Path
-from typing import Callable
+from typing import Any
 
 import torch
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
+from torch import nn
 
-from lmlab.errors import ConfigError, InputError
-from lmlab.model import ModelConfig, Transformer
+from lmlab.errors import InputError, LmlabError
+from lmlab.fileio import write_dir_atomically
+from lmlab.model import DEFAULT_KIND, build_model
 
 logger = logging.getLogger(__name__)
 
 CONFIG_FILE = "config.json"
 WEIGHTS_FILE = "model.safetensors"
+CONFIG_KEY = "lmlab_model"
 # tokenizer.json and tokenizer_config.json are lmlab's tokenizer format; the rest are
 # what Hugging Face tokenizers may also need (chat template saved apart, slow-tokenizer
-# vocabularies), carried along so a directory stays loadable by AutoTokenizer.
+# vocabularies), carried along so a directory stays loadable by AutoTokenizer, and the
+# generation config, which names an imported model's stop tokens.
 TOKENIZER_FILES = (
     "tokenizer.json",
     "tokenizer_config.json",
@@ -51,8 +56,8 @@ TOKENIZER_FILES = (
     "vocab.json",
     "merges.txt",
     "tokenizer.model",
+    "generation_config.json",
 )
-TIED_KEY, TIED_ALIAS = "tok_emb.weight", "lm_head.weight"
 
 
 def copy_tokenizer_files(tokenizer_dir: str | os.PathLike, out_dir: str | os.PathLike) -> list[str]:
@@ -70,57 +75,76 @@ def has_tokenizer_files(directory: str | os.PathLike) -> bool:
     return any((Path(directory) / name).is_file() for name in TOKENIZER_FILES)
 
 
-def _weights_to_save(model: Transformer) -> dict[str, torch.Tensor]:
-    state = model.state_dict()
-    if model.cfg.tie_embeddings:
-        state.pop(TIED_ALIAS)
-    return {k: v.detach().contiguous() for k, v in state.items()}
+def is_model_config(d: Any) -> bool:
+    """Whether a parsed config.json is an lmlab model's (not, say, a Hugging Face one)."""
+    return isinstance(d, dict) and CONFIG_KEY in d
 
 
-def write_dir_atomically(out_dir: str | os.PathLike, write_files: Callable[[Path], None],
-                         last: str = CONFIG_FILE) -> Path:
-    """Run `write_files(tmp_dir)` and move what it wrote to `out_dir` by renames.
+def model_config_json(model: nn.Module) -> dict[str, Any]:
+    """What config.json holds for `model`: its kind and its config dict."""
+    return {"kind": model.kind, CONFIG_KEY: model.config_dict()}
 
-    A new `out_dir` appears in one rename. An existing one (it may hold more, such
-    as a run's checkpoints, which must survive) gets each file renamed into
-    place, `last` after the others so that the config never describes weights
-    that are not yet there.
-    """
-    out = Path(out_dir)
-    if out.exists() and not out.is_dir():
-        raise InputError(f"{out}: exists and is not a directory; choose another output path")
-    fresh = not out.exists()
-    stage_parent = out.parent if fresh else out
-    stage_parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=stage_parent))
+
+def read_model_config(path: str | os.PathLike) -> tuple[str, dict[str, Any]]:
+    """(kind, config dict) of a model directory, or of its config.json given directly."""
+    root = Path(path)
+    config_path = root if root.is_file() else root / CONFIG_FILE
+    if not config_path.is_file():
+        raise InputError(f"{root}: no {CONFIG_FILE}; expected a model directory written by lmlab")
     try:
-        write_files(tmp)
-        if fresh:
-            os.replace(tmp, out)
-        else:
-            for name in sorted((p.name for p in tmp.iterdir()), key=lambda n: n == last):
-                os.replace(tmp / name, out / name)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)  # a no-op once renamed away
-    return out
+        raw = json.loads(config_path.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise InputError(f"{config_path}: not valid JSON ({e}); re-save the model") from e
+    if not is_model_config(raw):
+        hint = (f"it looks like a Hugging Face model ({raw['model_type']}); "
+                f"convert it with `lmlab import-hf {config_path.parent} OUT_DIR`"
+                if isinstance(raw, dict) and "model_type" in raw else "re-save it with lmlab")
+        raise InputError(f"{config_path}: not an lmlab model config (no {CONFIG_KEY!r} key); {hint}")
+    kind = raw.get("kind", DEFAULT_KIND)
+    if not isinstance(kind, str) or not isinstance(raw[CONFIG_KEY], dict):
+        raise InputError(f"{config_path}: 'kind' must be a string and {CONFIG_KEY!r} an object")
+    return kind, raw[CONFIG_KEY]
 
 
-def save_model_dir(model: Transformer, out_dir: str | os.PathLike,
-                   tokenizer_dir: str | os.PathLike | None = None) -> Path:
-    """Write `model` (and the tokenizer files of `tokenizer_dir`, if given) as a model directory."""
+def _alias_groups(model: nn.Module) -> list[list[str]]:
+    """State-dict names grouped by the tensor they name (a tie makes a group of two)."""
+    groups: dict[int, list[str]] = {}
+    for name, t in model.state_dict(keep_vars=True).items():
+        groups.setdefault(id(t), []).append(name)
+    return list(groups.values())
+
+
+def weights_to_save(model: nn.Module, state: dict[str, torch.Tensor] | None = None
+                    ) -> dict[str, torch.Tensor]:
+    """`state` (default: the model's whole state dict), each shared tensor under one name."""
+    full = model.state_dict() if state is None else state
+    keep = dict(full)
+    for names in _alias_groups(model):
+        for alias in [n for n in names if n in keep][1:]:
+            keep.pop(alias)
+    return {k: v.detach().contiguous() for k, v in keep.items()}
+
+
+def save_model_dir(model: nn.Module, out_dir: str | os.PathLike,
+                   tokenizer_dir: str | os.PathLike | None = None,
+                   state: dict[str, torch.Tensor] | None = None) -> Path:
+    """Write `model` as a model directory: its config, its weights (or `state`, e.g. only the
+    trainable part), and the tokenizer files of `tokenizer_dir` if given."""
     if tokenizer_dir is not None and not has_tokenizer_files(tokenizer_dir):
         raise InputError(
             f"{tokenizer_dir}: no tokenizer files (expected tokenizer.json); "
             "pass the directory the tokenizer was saved to, or none"
         )
+    config = model_config_json(model)
+    weights = weights_to_save(model, state)
 
     def write_files(directory: Path) -> None:
-        save_file(_weights_to_save(model), str(directory / WEIGHTS_FILE), metadata={"format": "pt"})
+        save_file(weights, str(directory / WEIGHTS_FILE), metadata={"format": "pt"})
         if tokenizer_dir is not None:
             copy_tokenizer_files(tokenizer_dir, directory)
-        model.cfg.save(directory / CONFIG_FILE)
+        (directory / CONFIG_FILE).write_text(json.dumps(config, indent=2), encoding="utf-8")
 
-    return write_dir_atomically(out_dir, write_files)
+    return write_dir_atomically(out_dir, write_files, last=CONFIG_FILE)
 
 
 def _stored_float_dtype(weights_path: Path) -> torch.dtype | None:
@@ -133,68 +157,71 @@ def _stored_float_dtype(weights_path: Path) -> torch.dtype | None:
     return None
 
 
-def load_state_dict_strict(model: Transformer, state: dict[str, torch.Tensor], source) -> None:
+def _short(names: list[str]) -> str:
+    return f"{names[:5]}{'...' if len(names) > 5 else ''}"
+
+
+def load_state_dict_strict(model: nn.Module, state: dict[str, torch.Tensor], source,
+                           partial: bool = False) -> None:
     """Load `state` into `model`, raising InputError that names `source` on any mismatch.
 
-    A tied model accepts its shared embedding under either name, since other
-    writers (e.g. ``safetensors.torch.save_model``) may keep either one.
+    A shared tensor (a tie) may come under any of its names, since other writers
+    (e.g. ``safetensors.torch.save_model``) may keep either one. With `partial`,
+    names the state lacks keep their current values (a checkpoint of the
+    trainable part only); unknown names and wrong shapes are still errors.
     """
     state = dict(state)
-    if model.cfg.tie_embeddings:
-        if TIED_KEY not in state and TIED_ALIAS in state:
-            state[TIED_KEY] = state[TIED_ALIAS]
-        state.pop(TIED_ALIAS, None)
-    expected = {k for k in model.state_dict() if not (model.cfg.tie_embeddings and k == TIED_ALIAS)}
-    missing, unexpected = sorted(expected - set(state)), sorted(set(state) - expected)
-    if missing or unexpected:
-        raise InputError(
-            f"{source}: weights do not match config.json (missing {missing[:5]}"
-            f"{'...' if len(missing) > 5 else ''}, unexpected {unexpected[:5]}"
-            f"{'...' if len(unexpected) > 5 else ''}); re-save the model or fix its config"
-        )
     own = model.state_dict()
+    missing = []
+    for names in _alias_groups(model):
+        present = [n for n in names if n in state]
+        if not present:
+            missing += names[:1]
+            continue
+        for alias in names:  # one name loads the shared tensor
+            if alias != present[0]:
+                state.pop(alias, None)
+    unexpected = sorted(set(state) - set(own))
+    if (missing and not partial) or unexpected:
+        raise InputError(
+            f"{source}: weights do not match config.json (missing {_short(sorted(missing))}, "
+            f"unexpected {_short(unexpected)}); re-save the model or fix its config"
+        )
     bad_shapes = [f"{k} {tuple(v.shape)} != {tuple(own[k].shape)}"
                   for k, v in state.items() if v.shape != own[k].shape]
     if bad_shapes:
         raise InputError(f"{source}: weight shapes do not match config.json: {bad_shapes[:3]}")
-    model.load_state_dict(state, strict=False)  # tied alias already checked above
+    model.load_state_dict(state, strict=False)  # completeness was checked above
 
 
-def cast_parameters(model: Transformer, dtype: torch.dtype) -> Transformer:
-    """Cast parameters only: `module.to(dtype)` would also round the float32 RoPE
-    frequency buffer, which shifts angles at long positions."""
+def cast_parameters(model: nn.Module, dtype: torch.dtype) -> nn.Module:
+    """Cast floating-point parameters only: `module.to(dtype)` would also round float32
+    buffers such as the RoPE frequencies, which shifts angles at long positions."""
     for p in model.parameters():
-        p.data = p.data.to(dtype)
+        if p.is_floating_point():
+            p.data = p.data.to(dtype)
     return model
 
 
-def load_model_dir(path: str | os.PathLike, device: str | torch.device = "cpu",
-                   dtype: torch.dtype | None = None) -> Transformer:
-    """Build the Transformer of a model directory; `dtype=None` keeps the stored dtype."""
-    root = Path(path)
-    config_path, weights_path = root / CONFIG_FILE, root / WEIGHTS_FILE
-    if not config_path.is_file():
-        raise InputError(f"{root}: no {CONFIG_FILE}; expected a model directory written by lmlab")
+def build_from_dir(path: str | os.PathLike) -> nn.Module:
+    """A freshly initialised model of the kind and config a model directory names (no weights)."""
+    kind, config = read_model_config(path)
     try:
-        with open(config_path, encoding="utf-8") as f:
-            raw = json.load(f)
-    except json.JSONDecodeError as e:
-        raise InputError(f"{config_path}: not valid JSON ({e}); re-save the model") from e
-    if "lmlab_model" not in raw:
-        hint = (f"it looks like a Hugging Face model ({raw['model_type']}); "
-                f"convert it with `lmlab import-hf {root} OUT_DIR`"
-                if "model_type" in raw else "re-save it with lmlab")
-        raise InputError(f"{config_path}: not an lmlab model config (no 'lmlab_model' key); {hint}")
-    try:
-        cfg = ModelConfig.from_dict(raw["lmlab_model"])
-    except (ConfigError, TypeError) as e:
-        raise InputError(f"{config_path}: invalid model config: {e}") from e
-    if not weights_path.is_file():
-        raise InputError(f"{root}: no {WEIGHTS_FILE}; the directory holds a config but no weights")
+        return build_model(kind, config)
+    except (LmlabError, TypeError, ValueError) as e:
+        raise InputError(f"{Path(path) / CONFIG_FILE}: invalid model config: {e}") from e
 
+
+def load_model_dir(path: str | os.PathLike, device: str | torch.device = "cpu",
+                   dtype: torch.dtype | None = None) -> nn.Module:
+    """Build the model of a model directory with its weights; `dtype=None` keeps the stored dtype."""
+    root = Path(path)
+    weights_path = root / WEIGHTS_FILE
     # Built on the CPU and moved after: the RoPE table is computed in float64, which
     # some accelerators (MPS) do not have.
-    model = Transformer(cfg)
+    model = build_from_dir(root)
+    if not weights_path.is_file():
+        raise InputError(f"{root}: no {WEIGHTS_FILE}; the directory holds a config but no weights")
     load_state_dict_strict(model, load_file(str(weights_path)), weights_path)
     target = dtype or _stored_float_dtype(weights_path)
     if target is not None:

@@ -11,17 +11,18 @@ How it works (autoregressive decoding with a key/value cache):
    cached keys/values of all earlier positions, so a step costs O(1) matmuls
    per layer instead of re-running the whole sequence.
 
-Prompts of different lengths share one batch by left-padding: the last prompt
-token of every row sits in the same column, so each step appends one column to
-all rows and the cache keeps a single `pos`. Two things keep padding invisible:
-a boolean mask hides pad columns from every query, and each row's positions
-count from 0 at its first real token, so a row's result does not depend on
-what it was batched with (tested against one-at-a-time decoding).
+The loop talks to the model through the kind protocol of `lmlab.model` only:
+`model.new_decode_state(batch, max_len, pad)` and `model.decode_step(ids, state)`
+(next-token logits at the last position). The Transformer's state is its KV
+cache; a recurrent model's would be its hidden state. Prompts of different
+lengths share one batch by left-padding; the state is told each row's padding
+so that a row's result does not depend on what it was batched with (tested
+against one-at-a-time decoding).
 
 Speed: on a CPU at batch 1 a step of a small model takes a few milliseconds,
 most of it streaming every weight matrix from memory for a matrix-vector
 product, then the framework's per-op overhead. So the loop adds almost nothing
-per step: the cache, the masks and the position offsets are built once, a batch
+per step: the state (cache, masks, position offsets) is built once, a batch
 without padding passes no mask at all (the model then takes its mask-free
 path), only the last prompt position goes through the output layer, and the
 last new token is never fed back. The products themselves go through
@@ -46,8 +47,9 @@ from typing import overload
 
 import torch
 
+from torch import nn
+
 from lmlab.infer.sampling import GenerationError, check_sampling_args, sample_next
-from lmlab.model.transformer import KVCache, Transformer
 
 __all__ = [
     "generate", "generate_ids", "stream_text", "generate_text", "TextStreamer", "GenerationError",
@@ -59,12 +61,12 @@ logger = logging.getLogger(__name__)
 # ---------------------------------------------------------------- the loop
 
 @overload
-def generate(model: Transformer, prompt_ids: Sequence[int], max_new_tokens: int, *,
+def generate(model: nn.Module, prompt_ids: Sequence[int], max_new_tokens: int, *,
              temperature: float = ..., top_k: int | None = ..., top_p: float | None = ...,
              seed: int | None = ..., eos_id: int | Iterable[int] | None = ...,
              stop_at_eos: bool = ...) -> Iterator[int]: ...
 @overload
-def generate(model: Transformer, prompt_ids: Sequence[Sequence[int]], max_new_tokens: int, *,
+def generate(model: nn.Module, prompt_ids: Sequence[Sequence[int]], max_new_tokens: int, *,
              temperature: float = ..., top_k: int | None = ..., top_p: float | None = ...,
              seed: int | None = ..., eos_id: int | Iterable[int] | None = ...,
              stop_at_eos: bool = ...) -> Iterator[list[int | None]]: ...
@@ -83,7 +85,7 @@ def generate(model, prompt_ids, max_new_tokens, *, temperature=1.0, top_k=None, 
     - `eos_id` (one id or several, e.g. end-of-text and end-of-turn): a prompt
       stops after yielding one of them when `stop_at_eos`; the stop token itself
       is yielded, so a caller can tell "stopped" from "ran out of tokens".
-    - Prompt plus new tokens never exceed `model.cfg.max_seq_len`: generation
+    - Prompt plus new tokens never exceed `model.max_seq_len`: generation
       stops there (logged); a prompt longer than that raises GenerationError.
 
     Arguments are checked here, before the first `next()`, so a bad setting
@@ -92,7 +94,7 @@ def generate(model, prompt_ids, max_new_tokens, *, temperature=1.0, top_k=None, 
     """
     rows, single = _as_rows(prompt_ids)
     check_sampling_args(temperature, top_k, top_p)
-    n_new = _budget(model.cfg, rows, max_new_tokens)
+    n_new = _budget(model, rows, max_new_tokens)
     stop_ids = set() if eos_id is None or not stop_at_eos else (
         {eos_id} if isinstance(eos_id, int) else set(eos_id))
     if n_new == 0:
@@ -102,7 +104,7 @@ def generate(model, prompt_ids, max_new_tokens, *, temperature=1.0, top_k=None, 
     return (step[0] for step in steps) if single else steps
 
 
-def generate_ids(model: Transformer, prompt_ids, max_new_tokens: int, **kwargs):
+def generate_ids(model: nn.Module, prompt_ids, max_new_tokens: int, **kwargs):
     """All new ids at once: a list for one prompt, a list of lists for a batch."""
     steps = generate(model, prompt_ids, max_new_tokens, **kwargs)
     rows, single = _as_rows(prompt_ids)
@@ -125,8 +127,8 @@ def _as_rows(prompt_ids) -> tuple[list[list[int]], bool]:
     return [[int(t) for t in r] for r in rows], single
 
 
-def _budget(cfg, rows: list[list[int]], max_new_tokens: int) -> int:
-    """How many tokens to generate: max_new_tokens, cut to what max_seq_len leaves."""
+def _budget(model, rows: list[list[int]], max_new_tokens: int) -> int:
+    """How many tokens to generate: max_new_tokens, cut to what the model's context leaves."""
     if max_new_tokens < 0:
         raise GenerationError(f"max_new_tokens must be >= 0, got {max_new_tokens}")
     if not rows:
@@ -135,18 +137,21 @@ def _budget(cfg, rows: list[list[int]], max_new_tokens: int) -> int:
     if min(len(r) for r in rows) == 0:
         raise GenerationError("empty prompt: give at least one token (e.g. the EOS id, "
                               "which starts a new document)")
-    if longest > cfg.max_seq_len:
+    context = model.max_seq_len  # None: no limit (e.g. a recurrent model)
+    if context is not None and longest > context:
         raise GenerationError(f"prompt of {longest} tokens is longer than the model's context "
-                              f"(max_seq_len={cfg.max_seq_len}); shorten it")
+                              f"(max_seq_len={context}); shorten it")
     for r in rows:
-        if min(r) < 0 or max(r) >= cfg.vocab_size:
-            raise GenerationError(f"prompt has token ids outside [0, {cfg.vocab_size})")
+        if min(r) < 0 or max(r) >= model.vocab_size:
+            raise GenerationError(f"prompt has token ids outside [0, {model.vocab_size})")
+    if context is None:
+        return max_new_tokens
     # the last new token is never fed back, so it may sit at position max_seq_len
-    room = cfg.max_seq_len - longest + 1
+    room = context - longest + 1
     if max_new_tokens > room:
         logger.warning("generating %d tokens, not %d: the prompt (%d tokens) leaves that much "
                        "of the model's context (max_seq_len=%d)",
-                       room, max_new_tokens, longest, cfg.max_seq_len)
+                       room, max_new_tokens, longest, context)
     return min(max_new_tokens, room)
 
 
@@ -170,12 +175,11 @@ def _run(decoder: "_Decoder", n_new: int, stop_ids: set[int]) -> Iterator[list[i
 
 
 class _Decoder:
-    """One batched generation: the cache, masks and positions, built once and reused each step."""
+    """One batched generation: the padded prompt and the model's decode state, built once."""
 
-    def __init__(self, model: Transformer, rows: list[list[int]], n_new: int,
+    def __init__(self, model: nn.Module, rows: list[list[int]], n_new: int,
                  temperature: float, top_k: int | None, top_p: float | None, seed: int | None):
-        param = next(model.parameters())
-        device = param.device
+        device = next(model.parameters()).device
         self.model = model
         self.batch_size = len(rows)
         self.sampling = dict(temperature=temperature, top_k=top_k, top_p=top_p)
@@ -186,44 +190,19 @@ class _Decoder:
 
         longest = max(len(r) for r in rows)
         length = longest + max(n_new - 1, 0)  # positions that go through the model
-        self.cache = KVCache(model.cfg, len(rows), length, device, param.dtype)
         pads = [longest - len(r) for r in rows]
+        # pad slots hold id 0; the state masks them out
         self.ids = torch.tensor([[0] * p + r for p, r in zip(pads, rows)], device=device)
-        self.padded = any(pads)
-        self.prefill_mask = self.key_mask = self.prefill_pos = self.pad = None
-        if self.padded:
-            pad = torch.tensor(pads, device=device)[:, None]
-            # (B, length): True where the key is a real token
-            real = torch.arange(length, device=device)[None, :] >= pad
-            self.key_mask = real[:, None, None, :]  # (B, 1, 1, length), sliced per step
-            causal = torch.ones(longest, longest, dtype=torch.bool, device=device).tril()
-            # each pad query may see itself: for a query with no visible key, softmax is
-            # 0/0 and some torch versions and kernels return NaN, which would then flow
-            # into later layers' pad keys and, as 0 * NaN, into the real rows
-            self.prefill_mask = (causal & self.key_mask[..., :longest]) | torch.eye(
-                longest, dtype=torch.bool, device=device)
-            self.prefill_pos = (torch.arange(longest, device=device)[None, :] - pad).clamp(min=0)
-            self.pad = pad
+        pad = torch.tensor(pads, device=device) if any(pads) else None
+        self.state = model.new_decode_state(len(rows), length, pad=pad)
 
     @torch.inference_mode()
     def prefill(self) -> torch.Tensor:
-        h = self._forward(self.ids, self.prefill_mask, self.prefill_pos)
-        # only the last position's logits are needed; the others would cost T x vocab x d
-        return sample_next(self.model.lm_head(h[:, -1]), **self.sampling)
+        return sample_next(self.model.decode_step(self.ids, self.state), **self.sampling)
 
     @torch.inference_mode()
     def step(self, tokens: torch.Tensor) -> torch.Tensor:
-        mask = positions = None
-        if self.padded:
-            pos = self.cache.pos
-            mask = self.key_mask[..., :pos + 1]
-            positions = pos - self.pad
-        h = self._forward(tokens[:, None], mask, positions)
-        return sample_next(self.model.lm_head(h[:, -1]), **self.sampling)
-
-    def _forward(self, ids, mask, positions) -> torch.Tensor:
-        return self.model(ids, cache=self.cache, attn_mask=mask, positions=positions,
-                          return_hidden=True)
+        return sample_next(self.model.decode_step(tokens[:, None], self.state), **self.sampling)
 
 
 # ---------------------------------------------------------------- text
@@ -274,7 +253,7 @@ class TextStreamer:
         return text[len(prefix_text):]
 
 
-def stream_text(model: Transformer, tokenizer, prompt: str, max_new_tokens: int = 256,
+def stream_text(model: nn.Module, tokenizer, prompt: str, max_new_tokens: int = 256,
                 **kwargs) -> Iterator[str]:
     """Text pieces of the continuation of `prompt`, as they are generated.
 
@@ -282,10 +261,10 @@ def stream_text(model: Transformer, tokenizer, prompt: str, max_new_tokens: int 
     given in kwargs. An empty prompt starts from EOS: lmlab separates documents
     with it, so that is the context "start of a new document".
     """
-    kwargs.setdefault("eos_id", tokenizer.eos_id)
+    kwargs.setdefault("eos_id", _stop_ids(tokenizer))
     stops = kwargs["eos_id"]
     stops = set() if stops is None else ({stops} if isinstance(stops, int) else set(stops))
-    ids = tokenizer.encode(prompt) or [tokenizer.eos_id]
+    ids = tokenizer.encode(prompt) or [_start_id(tokenizer)]
     streamer = TextStreamer(tokenizer)
     for tok in generate(model, ids, max_new_tokens, **kwargs):
         if tok in stops and kwargs.get("stop_at_eos", True):
@@ -298,7 +277,23 @@ def stream_text(model: Transformer, tokenizer, prompt: str, max_new_tokens: int 
         yield tail
 
 
-def generate_text(model: Transformer, tokenizer, prompt: str, max_new_tokens: int = 256,
+def _stop_ids(tokenizer) -> list[int] | None:
+    """Every id the tokenizer's model ends a text or a turn with (an imported model's own)."""
+    stops = getattr(tokenizer, "stop_ids", None)
+    if stops:
+        return list(stops)
+    return None if tokenizer.eos_id is None else [tokenizer.eos_id]
+
+
+def _start_id(tokenizer) -> int:
+    """The context of an empty prompt: "a new document starts here"."""
+    for tok in (tokenizer.eos_id, getattr(tokenizer, "bos_id", None)):
+        if tok is not None:
+            return tok
+    return 0
+
+
+def generate_text(model: nn.Module, tokenizer, prompt: str, max_new_tokens: int = 256,
                   **kwargs) -> str:
     """The continuation of `prompt` (without the prompt), as one string. See `stream_text`."""
     return "".join(stream_text(model, tokenizer, prompt, max_new_tokens, **kwargs))

@@ -18,7 +18,6 @@ size by name and every other number follows.
 from __future__ import annotations
 
 import dataclasses
-import json
 from dataclasses import dataclass
 from typing import Any, Literal
 
@@ -94,21 +93,6 @@ class ModelConfig:
         if unknown:
             raise ConfigError(f"model config: unknown field(s) {unknown}; known: {sorted(known)}")
         return cls(**d)
-
-    def save(self, path) -> None:
-        with open(path, "w", encoding="utf-8") as f:
-            json.dump({"lmlab_model": self.to_dict()}, f, indent=2)
-
-    @classmethod
-    def load(cls, path) -> "ModelConfig":
-        with open(path, encoding="utf-8") as f:
-            d = json.load(f)
-        if "lmlab_model" not in d:
-            raise ConfigError(
-                f"{path}: not an lmlab model config (no 'lmlab_model' key); "
-                "for a Hugging Face directory run `lmlab import-hf` first"
-            )
-        return cls.from_dict(d["lmlab_model"])
 
     def num_params(self, non_embedding: bool = False) -> int:
         """Parameter count computed from the config (matches the built module)."""
