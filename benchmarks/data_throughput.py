@@ -1,7 +1,8 @@
 """Data pipeline throughput: lmlab's web-en recipe and MinHash dedup beside datatrove's stock blocks.
 
 Generates a planted web-like corpus (English and Chinese prose, junk, exact and
-near copies; `lmlab.data.pipeline.synthetic`) and measures, in one run:
+near copies; `tests/data_pipeline/synthetic.py`, the tests' fixture) and measures,
+in one run:
 
 1. the full `web-en` recipe through `run_recipe`, 1 and 2 workers;
 2. the web-en quality filters (lmlab: datatrove's rules with a regex word
@@ -36,7 +37,21 @@ from datatrove.data import Document
 from lmlab.data.pipeline import load_recipe, run_recipe
 from lmlab.data.pipeline.normalize import Normalizer
 from lmlab.data.pipeline.quality import build_quality_filters
-from lmlab.data.pipeline.synthetic import planted_corpus
+
+
+def _load_synthetic():
+    """The tests' corpus generator, loaded from its file (it is fixture code, not part of lmlab)."""
+    import importlib.util
+
+    path = Path(__file__).resolve().parents[1] / "tests" / "data_pipeline" / "synthetic.py"
+    spec = importlib.util.spec_from_file_location("lmlab_bench_synthetic", path)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # dataclasses look their module up while the class is built
+    spec.loader.exec_module(module)
+    return module
+
+
+planted_corpus = _load_synthetic().planted_corpus
 
 
 def write_shards(records: list[dict], folder: Path, n_files: int) -> list[str]:

@@ -1,6 +1,6 @@
 """Fixtures for the data pipeline tests: planted corpora written as JSONL, and run helpers.
 
-Every corpus comes from `lmlab.data.pipeline.synthetic`, so each test knows the
+Every corpus comes from `synthetic.py` beside this file, so each test knows the
 truth (which documents are copies of which, which are junk) without downloads.
 """
 
@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from lmlab.data.pipeline.synthetic import planted_corpus
+from .synthetic import planted_corpus
 
 
 def write_jsonl(path: Path, records: list[dict]) -> Path:

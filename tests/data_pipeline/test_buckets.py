@@ -7,7 +7,8 @@ from datatrove.data import Document
 from datatrove.pipeline.dedup import MinhashDedupBuckets
 
 from lmlab.data.pipeline.dedup import BandBuckets, DedupSignatures, minhash_config
-from lmlab.data.pipeline.synthetic import planted_corpus
+
+from .synthetic import planted_corpus
 
 
 def read_pairs(folder) -> set[tuple[int, ...]]:

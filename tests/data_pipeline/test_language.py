@@ -3,7 +3,8 @@ import random
 from datatrove.data import Document
 
 from lmlab.data.pipeline.language import LanguageFilter, _sparse_langid
-from lmlab.data.pipeline.synthetic import chinese_prose, english_junk, english_prose
+
+from .synthetic import chinese_prose, english_junk, english_prose
 
 
 def test_sparse_langid_matches_langid():

@@ -3,9 +3,9 @@
 from __future__ import annotations
 
 from lmlab.data.pipeline import run_recipe
-from lmlab.data.pipeline.synthetic import chinese_prose, english_prose
 
 from .conftest import read_jsonl_dir, write_jsonl
+from .synthetic import chinese_prose, english_prose
 
 FOOTER_EN = "Copyright 2024 Example Media Ltd. All rights reserved."
 NAV_EN = "Home | News | Sport | Contact us"

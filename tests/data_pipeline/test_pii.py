@@ -3,7 +3,8 @@ import random
 from datatrove.data import Document
 
 from lmlab.data.pipeline.pii import PIIMasker, luhn_valid, valid_cn_id
-from lmlab.data.pipeline.synthetic import cn_resident_id, number_decoys, pii_samples
+
+from .synthetic import cn_resident_id, number_decoys, pii_samples
 
 REPL = {"email": "<EMAIL>", "ip": "<IP>", "phone": "<PHONE>", "cn_id": "<ID>", "bank_card": "<CARD>"}
 

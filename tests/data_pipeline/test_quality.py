@@ -8,7 +8,8 @@ from datatrove.data import Document
 from lmlab.data.pipeline import load_recipe
 from lmlab.data.pipeline.normalize import Normalizer
 from lmlab.data.pipeline.quality import build_quality_filters
-from lmlab.data.pipeline.synthetic import chinese_junk, chinese_prose, english_junk, english_prose
+
+from .synthetic import chinese_junk, chinese_prose, english_junk, english_prose
 
 
 def keeps(recipe_name: str, texts: list[str]) -> list[bool]:

@@ -10,10 +10,10 @@ import numpy as np
 import pytest
 
 from lmlab.data.pipeline import run_recipe
-from lmlab.data.pipeline.synthetic import english_prose, planted_corpus
 from lmlab.data.shards import TokenShards, read_meta
 
 from .conftest import dedup_only, read_jsonl_dir, write_jsonl
+from .synthetic import english_prose, planted_corpus
 
 
 def dedup_scores(docs, out) -> dict:

@@ -16,9 +16,9 @@ from pathlib import Path
 import pytest
 
 from lmlab.data.pipeline import load_recipe, run_recipe
-from lmlab.data.pipeline.synthetic import planted_corpus
 
 from .conftest import read_jsonl_dir, write_jsonl
+from .synthetic import planted_corpus
 
 
 def _idle_partition() -> str | None:

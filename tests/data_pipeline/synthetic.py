@@ -1,12 +1,15 @@
 """Planted corpora: web-like English and Chinese documents whose truth is known.
 
-The tests and `benchmarks/data_throughput.py` need corpora where every answer
-is known in advance — which documents are exact or near copies of which, which
-are junk and why, where the personal data is — and nothing may be downloaded.
-So this module writes them: prose from a Zipf-distributed vocabulary (English
-pseudo-words around real stop words; Chinese words from common characters),
-junk of the kinds the quality rules exist for, copies edited at a chosen rate,
-and personal data next to look-alike numbers (years, prices, dates).
+Fixture code, so it lives with the tests and is not part of the installed
+package. The tests (`from .synthetic import ...`) and
+`benchmarks/data_throughput.py` (which loads this file by path) need corpora
+where every answer is known in advance — which documents are exact or near
+copies of which, which are junk and why, where the personal data is — and
+nothing may be downloaded. So this module writes them: prose from a
+Zipf-distributed vocabulary (English pseudo-words around real stop words;
+Chinese words from common characters), junk of the kinds the quality rules
+exist for, copies edited at a chosen rate, and personal data next to
+look-alike numbers (years, prices, dates).
 
 Every record carries its truth in plain fields (`kind`, `dup_of`, `lang`).
 """
