@@ -1,7 +1,8 @@
 """The main job: raw text to a trained, measured model in one bounded run.
 
     corpus ─► tokenizer (byte-level BPE) ─► token shards (2 % held out) ─► pretrain (M minutes)
-           ─► held-out loss and bits per byte, beside what `xz -9e` achieves on the same bytes
+           ─► held-out loss and bits per byte, beside what `xz -9e` (and bzip2 -9, zlib -9)
+              achieve on the same bytes (`lmlab.eval.baselines`)
 
 The default corpus is on every machine that runs lmlab: the running Python's
 standard library source (~11 MB of real code, docstrings and prose), without
@@ -14,7 +15,6 @@ from __future__ import annotations
 
 import json
 import logging
-import lzma
 import sysconfig
 import time
 from dataclasses import dataclass
@@ -25,6 +25,7 @@ import torch
 
 from lmlab.config import ModelSpec, PretrainConfig, TrainConfig
 from lmlab.data.shards import TokenShards, atomic_write_text, read_meta
+from lmlab.eval import baselines
 from lmlab.tokenizer import Tokenizer
 from lmlab.train.distributed import pick_device
 
@@ -44,12 +45,6 @@ def stdlib_files() -> list[str]:
             continue
         files.append(str(p))
     return files
-
-
-def xz_bits_per_byte(data: bytes) -> float:
-    """What xz -9e (LZMA2, preset 9 | EXTREME) spends per byte of `data`."""
-    packed = lzma.compress(data, format=lzma.FORMAT_XZ, preset=9 | lzma.PRESET_EXTREME)
-    return 8 * len(packed) / max(1, len(data))
 
 
 def split_text_bytes(shard_dir: str | Path, tokenizer: Tokenizer, split: str = "val") -> bytes:
@@ -89,7 +84,7 @@ def plan_for(device: torch.device) -> QuickstartPlan:
                           batch_size=16, grad_accum=1, lr=1e-2, seq_len=256)
 
 
-# seconds kept back from the budget for the final evaluation, xz and the samples
+# seconds kept back from the budget for the final evaluation, the compressors and the samples
 FINISH_RESERVE_S = 20.0
 
 
@@ -139,8 +134,8 @@ def quickstart(corpus: list[str] | None = None, minutes: float = 10.0, out: str 
     result = pretrain(cfg, callback=callback)
 
     val_bytes = split_text_bytes(shard_dir, tokenizer, "val")
-    cb("stage", {"name": "xz", "bytes": len(val_bytes)})
-    xz = xz_bits_per_byte(val_bytes)
+    cb("stage", {"name": "compressors", "bytes": len(val_bytes)})
+    compressed = baselines(val_bytes)  # bits per byte of xz -9e, bzip2 -9, zlib -9
 
     from lmlab.model_io import load_model_dir
 
@@ -155,7 +150,9 @@ def quickstart(corpus: list[str] | None = None, minutes: float = 10.0, out: str 
         "mfu": fit.mfu,
         "val_loss": fit.val.get("val_loss"),
         "val_bpb": fit.val.get("val_bpb"),
-        "xz_bpb": xz,
+        "xz_bpb": compressed["xz"],
+        "bz2_bpb": compressed["bz2"],
+        "zlib_bpb": compressed["zlib"],
         "train_loss": fit.last_train_loss,
         "steps": fit.step,
         "status": fit.status,

@@ -32,7 +32,7 @@ def compress(data: bytes, name: str) -> bytes:
 
 
 def compressor_bits_per_byte(data: bytes, name: str = "xz") -> float:
-    """Bits the compressor spends per byte of `data`: 8 · len(compressed) / len(data); NaN if empty."""
+    """Bits the compressor spends per byte of `data`: 8·len(compressed)/len(data); NaN if empty."""
     packed = compress(data, name)  # validates the name even for empty data
     return 8 * len(packed) / len(data) if len(data) else math.nan
 

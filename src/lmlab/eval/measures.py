@@ -19,7 +19,7 @@ def perplexity(mean_nats: float) -> float:
 
 
 def bits_per_byte(nats_sum: float, n_bytes: int) -> float:
-    """Total cross-entropy in nats over a text's UTF-8 bytes, in bits per byte: Σ / (ln 2 · bytes).
+    """Total cross-entropy in nats over a text's UTF-8 bytes, in bits per byte: Σ/(ln 2 · bytes).
 
     NaN when there are no bytes (no rate is defined over nothing).
     """

@@ -22,6 +22,12 @@ the same as `F.cross_entropy(h @ W.T, y)`; tests hold the two equal. (The
 idea is the one of Liger Kernel's fused linear cross-entropy and Apple's
 Cut Cross-Entropy, here in plain torch ops so it runs on every device.)
 
+reduction "row_sum" (one −log p(sequence) per row, for DPO and multiple-choice
+scores) has an upstream gradient per row, not one scalar: the forward then keeps
+∂z = softmax(z) − onehot(y) unscaled and returns the nats of every token, and the
+backward weights each token by its row's gradient g_t (the `.sum(-1)` over a row
+hands g_row to each of its tokens): ∂h_t = g_t · (∂z_t) W,  ∂W = (∂z)ᵀ (g ⊙ h).
+
 The per-chunk softmax and gradient are five eager passes over the chunk's
 logits (log-softmax, exp, the one-hot subtraction, scaling, rounding). Inside
 `with compiled_kernels():` (the Trainer's steps when `train.compile` is on)
@@ -61,7 +67,7 @@ def compute_dtype(x: torch.Tensor) -> torch.dtype:
 
 def _softmax_grad_rows(z: torch.Tensor, y: torch.Tensor, inv: torch.Tensor,
                        grad_out: torch.Tensor) -> torch.Tensor:
-    """Write (softmax(z) − onehot(y))·inv into grad_out; return Σ log p(y). Rows with y = −100 give 0.
+    """Write (softmax(z) − onehot(y))·inv into grad_out; return log p(y) per row (0 where y = −100).
 
     The same arithmetic as the eager passes in `_LinearCrossEntropy.forward`,
     written as one function for `torch.compile` to fuse (see `compiled_kernels`).
@@ -74,7 +80,7 @@ def _softmax_grad_rows(z: torch.Tensor, y: torch.Tensor, inv: torch.Tensor,
     hit = torch.arange(z.shape[-1], device=z.device)[None, :] == y[:, None]
     grad_out.copy_(torch.where(valid, (e / s - hit.to(e.dtype)) * inv, 0.0))
     logp_y = zf.gather(1, y.clamp_min(0)[:, None]) - m - s.log()
-    return torch.where(valid, logp_y, 0.0).sum()
+    return torch.where(valid, logp_y, 0.0).squeeze(1)
 
 
 _use_compiled = contextvars.ContextVar("lmlab_compiled_loss_kernels", default=False)
@@ -102,15 +108,26 @@ def _chunk_kernel():
 
 
 class _LinearCrossEntropy(torch.autograd.Function):
+    """The mean nats over the n_valid counted rows (a scalar), or with per_token
+    the nats of every row (N,), 0 where y = −100.
+
+    Either way the forward pass stores ∂out/∂z and ∂out/∂h for the upstream
+    gradient to scale in backward: a scalar for the mean; for per_token one
+    weight per row g_t (e.g. a sequence's gradient, spread over its tokens by
+    the `.sum(-1)` that makes "row_sum"), applied as ∂h_t·g_t and
+    ∂W = (∂z)ᵀ (h ⊙ g), so the (N, V) gradient is never rescaled.
+    """
+
     @staticmethod
-    def forward(ctx, h, w, y, chunk: int, n_valid: int, masked: bool):
+    def forward(ctx, h, w, y, chunk: int, n_valid: int, masked: bool, per_token: bool = False):
         N, V = h.shape[0], w.shape[0]
         grad_h = torch.empty_like(h)
         grad_z = torch.empty(N, V, dtype=h.dtype, device=h.device)
         z = torch.empty(min(chunk, N), V, dtype=h.dtype, device=h.device)
         acc = torch.promote_types(h.dtype, torch.float32)  # the softmax's dtype
         total = torch.zeros((), dtype=acc, device=h.device)
-        inv = 1.0 / max(1, n_valid)
+        nats = torch.empty(N, dtype=acc, device=h.device) if per_token else None
+        inv = 1.0 if per_token else 1.0 / max(1, n_valid)
         kernel = _chunk_kernel()
         inv_t = torch.tensor(inv, dtype=acc, device=h.device) if kernel else None
         for i in range(0, N, chunk):
@@ -118,7 +135,7 @@ class _LinearCrossEntropy(torch.autograd.Function):
             zc, gc = z[:hc.shape[0]], grad_z[i:i + chunk]
             torch.mm(hc, w.t(), out=zc)
             if kernel is not None:
-                total -= kernel(zc, yc, inv_t, gc)
+                picked = kernel(zc, yc, inv_t, gc)
             else:
                 logp = torch.log_softmax(zc, -1, dtype=acc)
                 ysafe = yc.clamp_min(0)[:, None] if masked else yc[:, None]
@@ -129,18 +146,25 @@ class _LinearCrossEntropy(torch.autograd.Function):
                     valid = (yc != IGNORE_INDEX)
                     picked = picked * valid
                     p.mul_(valid[:, None])
-                total -= picked.sum()
                 torch.mul(p, inv, out=gc)  # scaled and rounded to the compute dtype in one pass
+            if per_token:
+                torch.neg(picked, out=nats[i:i + chunk])
+            else:
+                total -= picked.sum()
             torch.mm(gc, w, out=grad_h[i:i + chunk])
         ctx.save_for_backward(grad_h, grad_z, h)
-        return total * inv
+        return nats if per_token else total * inv
 
     @staticmethod
     def backward(ctx, grad_out):
         grad_h, grad_z, h = ctx.saved_tensors
-        g = grad_out.to(h.dtype)
-        grad_w = (grad_z.t() @ h) * g if ctx.needs_input_grad[1] else None
-        return grad_h * g, grad_w, None, None, None, None
+        if grad_out.dim() == 0:  # the mean: one scalar scales both gradients
+            g = grad_out.to(h.dtype)
+            grad_w = (grad_z.t() @ h) * g if ctx.needs_input_grad[1] else None
+            return grad_h * g, grad_w, None, None, None, None, None
+        g = grad_out.to(torch.promote_types(h.dtype, torch.float32))[:, None]  # per row (N, 1)
+        grad_w = grad_z.t() @ (h * g).to(h.dtype) if ctx.needs_input_grad[1] else None
+        return (grad_h * g).to(h.dtype), grad_w, None, None, None, None, None
 
 
 @torch.no_grad()
@@ -161,7 +185,10 @@ def linear_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, targets: to
     """Cross-entropy of logits `hidden @ weight.T` against `targets`, without making the logits.
 
     hidden (..., d), weight (V, d), targets (...) with -100 marking positions
-    that do not count. reduction "mean" (over counted positions) or "sum" are
+    that do not count. reduction "mean" (over counted positions), "sum", and
+    "row_sum" — one sum of nats per row of targets (its last dim summed:
+    targets (B, T) → (B,); ignored positions count 0, a fully ignored row is 0),
+    i.e. −log p(sequence), for DPO and multiple-choice scores — are
     differentiable; "none" returns per-position nats (0 where ignored) without
     gradient, for evaluation. Under autocast the multiplies run in its dtype and
     the softmax in fp32, as `F.cross_entropy(lm_head(h).float(), y)` would.
@@ -171,14 +198,17 @@ def linear_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, targets: to
     w = weight.to(dtype)
     y = targets.reshape(-1).long()  # gather and scatter index with int64
     chunk = chunk_rows or _chunk_rows(w.shape[0], h.device)
+    if reduction not in ("mean", "sum", "row_sum", "none"):
+        raise ValueError(f"reduction must be 'mean', 'sum', 'row_sum' or 'none', not {reduction!r}")
     with torch.autocast(h.device.type, enabled=False):
         if reduction == "none":
             return _token_nats(h, w, y, chunk).view(targets.shape)
         masked = bool((y == IGNORE_INDEX).any())
         n_valid = int((y != IGNORE_INDEX).sum()) if masked else y.numel()
+        if reduction == "row_sum":  # per-token nats with gradient, summed over each row
+            nats = _LinearCrossEntropy.apply(h, w, y, chunk, n_valid, masked, True)
+            return nats.view(targets.shape).sum(-1)
         loss = _LinearCrossEntropy.apply(h, w, y, chunk, n_valid, masked)
     if reduction == "sum":
         return loss * n_valid
-    if reduction != "mean":
-        raise ValueError(f"reduction must be 'mean', 'sum' or 'none', not {reduction!r}")
     return loss
