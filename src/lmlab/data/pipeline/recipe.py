@@ -3,8 +3,13 @@
 A recipe is a nested mapping. `DEFAULTS` below is the complete schema: a
 recipe file names only what it changes, is merged over the defaults, and any
 key that is not in the schema is an error (with the path of the key), so a
-typo never silently leaves a default in place. The shipped recipes are
-`configs/data/web-en.yaml`, `web-zh.yaml` and `code.yaml`.
+typo never silently leaves a default in place.
+
+The shipped recipes (`web-en`, `web-zh`, `code`) are package data,
+`src/lmlab/data/recipes/*.yaml`, found through `importlib.resources`, so
+`--recipe web-en` works from any install (a wheel has no repository around
+it). A recipe argument is a file path if such a file exists, else the name of
+a shipped recipe.
 """
 
 from __future__ import annotations
@@ -12,6 +17,7 @@ from __future__ import annotations
 import copy
 import inspect
 import os
+from importlib import resources
 from pathlib import Path
 
 import yaml
@@ -120,20 +126,40 @@ def _merge(base: dict, over: dict, path: tuple) -> dict:
     return out
 
 
+def _shipped_dir():
+    return resources.files("lmlab.data").joinpath("recipes")
+
+
+def shipped_recipes() -> list[str]:
+    """Names of the recipes that ship inside the package (`lmlab/data/recipes/NAME.yaml`)."""
+    return sorted(p.name.removesuffix(".yaml") for p in _shipped_dir().iterdir()
+                  if p.name.endswith(".yaml"))
+
+
+def _recipe_text(recipe: str | os.PathLike) -> tuple[str, str]:
+    """(where it came from, YAML text): a file if one exists at `recipe`, else a shipped recipe."""
+    path = Path(recipe)
+    if path.is_file():
+        return str(path), path.read_text(encoding="utf-8")
+    names = shipped_recipes()
+    if str(recipe) in names:
+        shipped = _shipped_dir().joinpath(f"{recipe}.yaml")
+        return str(shipped), shipped.read_text(encoding="utf-8")
+    hint = ""
+    if path.suffix in (".yaml", ".yml") and path.stem in names:  # e.g. an old configs/data/web-en.yaml
+        hint = f"; the shipped {path.stem!r} is in the package now: pass its name, --recipe {path.stem}"
+    raise ConfigError(f"{recipe}: no such recipe file, nor a shipped recipe "
+                      f"({', '.join(names)}){hint}")
+
+
 def load_recipe(recipe: str | os.PathLike | dict) -> dict:
-    """A recipe file (or mapping) merged over DEFAULTS and validated."""
+    """A recipe (file path, shipped recipe name, or mapping) merged over DEFAULTS and validated."""
     if isinstance(recipe, dict):
         data = recipe
     else:
-        path = Path(recipe)
-        if not path.is_file():
-            shipped = Path(__file__).resolve().parents[4] / "configs" / "data" / f"{recipe}.yaml"
-            if shipped.is_file():
-                path = shipped
-            else:
-                raise ConfigError(f"{recipe}: no such recipe file; see configs/data/*.yaml")
+        path, text = _recipe_text(recipe)
         try:
-            data = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+            data = yaml.safe_load(text) or {}
         except yaml.YAMLError as e:
             raise ConfigError(f"{path}: not valid YAML ({e})") from None
         if not isinstance(data, dict):
