@@ -14,8 +14,8 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from lmlab.data.prepare import PrepareResult, prepare, split_value, text_digest
-from lmlab.data.shards import TokenShards, read_meta
+from lmlab.data.prepare import PrepareResult, prepare
+from lmlab.data.shards import TokenShards, read_meta, split_value, text_digest
 from lmlab.errors import ConfigError, InputError
 from lmlab.tokenizer import Tokenizer
 

@@ -44,3 +44,5 @@ def test_bad_values():
         load_recipe({"decontamination": {"enabled": True}})
     with pytest.raises(ConfigError, match="fastText"):
         load_recipe({"language": {"model": "/nonexistent/lid.bin"}})
+    with pytest.raises(ConfigError, match="output.tokens.seed"):
+        load_recipe({"output": {"tokens": {"seed": "one"}}})

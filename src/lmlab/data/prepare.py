@@ -7,13 +7,15 @@
 2. Drop exact duplicates: a 128-bit BLAKE2b digest of each document's UTF-8 text;
    the first copy is kept. Copies in a corpus cost training steps and, worse,
    put the same text in train and val, which flatters the validation loss.
-3. Split by content, not by position: a document goes to "val" when a seeded
-   hash of its digest falls below `val_fraction`. The split is therefore the same
-   whatever the file order or number of workers, and a document's copies can
-   never straddle the split. If that leaves val empty (tiny corpora), the document
-   with the smallest hash — the one closest to the threshold — moves to val, so
-   with val_fraction > 0 and two or more documents val is never empty (and,
-   symmetrically, train never is); a lone document goes to train.
+3. Split by content, not by position, with the one rule of token shards
+   (`lmlab.data.shards.TrainValSplitter`, which `lmlab data process` uses too):
+   a document goes to "val" when a seeded hash of its digest falls below
+   `val_fraction`. The split is therefore the same whatever the file order or
+   number of workers, and a document's copies can never straddle the split. If
+   that leaves val empty (tiny corpora), the document with the smallest hash —
+   the one closest to the threshold — moves to val, so with val_fraction > 0 and
+   two or more documents val is never empty (and, symmetrically, train never
+   is); a lone document goes to train.
 4. Tokenize in batches. `workers=None` or 1 tokenizes in this process:
    `Tokenizer.encode_batch` releases the GIL and spreads a batch over all cores
    in Rust, and it runs in a background thread while this one reads the next
@@ -34,7 +36,6 @@ Library code: no printing; `progress(n_docs, n_bytes)` is called after each batc
 
 from __future__ import annotations
 
-import hashlib
 import logging
 import os
 import re
@@ -51,7 +52,13 @@ from pathlib import Path
 
 import numpy as np
 
-from lmlab.data.shards import TokenShardWriter, dtype_for_vocab
+from lmlab.data.shards import (
+    TokenShardWriter,
+    TrainValSplitter,
+    dtype_for_vocab,
+    split_value,
+    text_digest,
+)
 from lmlab.data.sources import Document, ReadStats, iter_documents
 from lmlab.errors import ConfigError, InputError
 from lmlab.tokenizer import Tokenizer
@@ -86,67 +93,6 @@ class PrepareResult:
                  ("MB/s", f"{mb / max(self.seconds, 1e-9):.2f}"),
                  ("output", self.out_dir)]
         return rows
-
-
-# ------------------------------------------------------------------ dedup and split
-
-def text_digest(text: str) -> bytes:
-    """128-bit BLAKE2b of the UTF-8 text: the identity of a document for exact dedup."""
-    return hashlib.blake2b(text.encode("utf-8"), digest_size=16).digest()
-
-
-def split_value(digest: bytes, seed: int = 0) -> float:
-    """A uniform number in [0, 1) from a document's digest and the seed; below val_fraction: val."""
-    h = hashlib.blake2b(digest, digest_size=8, key=str(seed).encode()).digest()
-    return int.from_bytes(h, "big") / 2**64
-
-
-class _SplitWriter:
-    """Routes documents to train/val, holding back the one nearest the threshold on each side.
-
-    Train holds back its smallest-hash document and val its largest: if a split
-    would otherwise end empty, the other side's held document moves over. Both
-    are written at the end, so the split never depends on the order of arrival.
-    """
-
-    def __init__(self, writer: TokenShardWriter, val_fraction: float):
-        self.writer, self.val_fraction = writer, val_fraction
-        self.held: dict[str, tuple[float, np.ndarray] | None] = {"train": None, "val": None}
-        self.written = {"train": 0, "val": 0}
-
-    def add(self, value: float, ids: np.ndarray) -> None:
-        split = "val" if value < self.val_fraction else "train"
-        held = self.held[split]
-        if held is None:
-            self.held[split] = (value, ids)
-            return
-        if (value < held[0]) if split == "train" else (value > held[0]):
-            self.held[split] = (value, ids)  # the new one is nearer the threshold: write the old
-            value, ids = held
-        self.writer.add(ids, split)
-        self.written[split] += 1
-
-    def finish(self) -> None:
-        train, val = self.held["train"], self.held["val"]
-        n_train = self.written["train"] + (train is not None)
-        n_val = self.written["val"] + (val is not None)
-        if self.val_fraction > 0 and n_val == 0 and n_train >= 2:
-            log.info("no document fell in val (val_fraction %g); moving one from train",
-                     self.val_fraction)
-            self.held = {"train": None, "val": train}
-        elif n_train == 0 and n_val >= 2:
-            log.info("no document fell in train (val_fraction %g); moving one from val",
-                     self.val_fraction)
-            self.held = {"train": val, "val": None}
-        elif self.val_fraction > 0 and n_train + n_val < 2:
-            log.warning("only %d document: no val split (a single text file is one document; "
-                        "split it into several files or JSONL records)", n_train + n_val)
-            self.held = {"train": train or val, "val": None}  # a lone document is for training
-        for split in ("train", "val"):
-            if self.held[split] is not None:
-                self.writer.add(self.held[split][1], split)
-                self.written[split] += 1
-        self.held = {"train": None, "val": None}
 
 
 # ------------------------------------------------------------------ tokenization
@@ -286,7 +232,7 @@ def prepare(inputs: list[str], tokenizer_dir: str | os.PathLike, out_dir: str | 
                  "text_field": text_field}
         with TokenShardWriter(tmp, tok.vocab_size, tok.eos_id, tokenizer_hash=tok.hash,
                               extra_meta=extra) as writer:
-            splitter = _SplitWriter(writer, val_fraction)
+            splitter = TrainValSplitter(writer, val_fraction)
             docs = iter_documents(inputs, text_field=text_field, strict=strict, stats=stats)
             batches = _unique_batches(docs, stats, seed, counts)
             encoded = _encode_in_order(tok, str(tokenizer_dir), batches, n_workers, dtype)

@@ -12,12 +12,15 @@ place, and meta.json is written last: a directory with a meta.json is complete.
 
 `TokenShardWriter` is the only writer (used by `lmlab data prepare` and by the
 `lmlab data process` pipeline); `TokenShards` reads a split with numpy.memmap.
+Both writers decide train or val by the one rule here, `split_value` and
+`TrainValSplitter` (see its docstring).
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -26,6 +29,8 @@ from typing import Iterable
 import numpy as np
 
 from lmlab.errors import InputError
+
+log = logging.getLogger(__name__)
 
 FORMAT = "lmlab.token-shards.v1"
 DEFAULT_SHARD_TOKENS = 64 * 1024 * 1024  # 128 MB of uint16 per file
@@ -53,6 +58,100 @@ def file_sha256(path: str | os.PathLike) -> str:
             h.update(chunk)
     return h.hexdigest()
 
+
+# ------------------------------------------------------------------ train or val
+
+def text_digest(text: str) -> bytes:
+    """128-bit BLAKE2b of the UTF-8 text: a document's identity (exact dedup, the split)."""
+    return hashlib.blake2b(text.encode("utf-8"), digest_size=16).digest()
+
+
+def split_value(digest: bytes, seed: int = 0) -> float:
+    """A uniform number in [0, 1) from a document's `text_digest` and the seed; below val_fraction: val.
+
+    The split is by content, not by position or id:
+    - the same whatever the file order, the number of workers or tasks, the
+      executor, and from one run to the next;
+    - copies of a text land on the same side, so a duplicate that survives
+      deduplication cannot put a training document in val (and flatter the
+      validation loss); ids cannot promise that: the same page crawled twice
+      has two ids, and ids a reader generates depend on how the input was read;
+    - `seed` gives another split of the same corpus.
+    The text hashed is the text that is tokenized (after the pipeline's
+    normalisation and masking, if any).
+    """
+    h = hashlib.blake2b(digest, digest_size=8, key=str(seed).encode()).digest()
+    return int.from_bytes(h, "big") / 2**64
+
+
+class TrainValSplitter:
+    """The train/val rule of token shards, for `lmlab data prepare` and `lmlab data process` alike.
+
+    1. A document goes to "val" when its `split_value` is below `val_fraction`,
+       else to "train".
+    2. Neither split is left empty when it can be helped: if val would be empty
+       (val_fraction > 0, two or more documents), the train document with the
+       smallest value — the one nearest the threshold — moves to val; if train
+       would be empty, the val document with the largest value moves to train;
+       a lone document goes to train (with a warning: no val split).
+
+    For (2) the document nearest the threshold on each side is held back and
+    written by `finish()`, so the outcome never depends on the order of arrival.
+    A writer working on part of the corpus (one pipeline task) calls `held()`
+    instead of `finish()` and hands its held documents, with their values, to
+    the one splitter that sees the whole (`add`); documents already routed are
+    counted there with `add_routed`.
+    """
+
+    def __init__(self, writer: TokenShardWriter, val_fraction: float):
+        self.writer, self.val_fraction = writer, val_fraction
+        self._held: dict[str, tuple[float, np.ndarray] | None] = {"train": None, "val": None}
+        self.written = {"train": 0, "val": 0}
+
+    def add(self, value: float, ids) -> None:
+        split = "val" if value < self.val_fraction else "train"
+        held = self._held[split]
+        if held is None:
+            self._held[split] = (value, ids)
+            return
+        if (value < held[0]) if split == "train" else (value > held[0]):
+            self._held[split] = (value, ids)  # the new one is nearer the threshold: write the old
+            value, ids = held
+        self.add_routed(split, ids)
+
+    def add_routed(self, split: str, ids) -> None:
+        """A document whose split rule (1) has already decided (and which is not held)."""
+        self.writer.add(ids, split)
+        self.written[split] += 1
+
+    def held(self) -> dict[str, tuple[float, np.ndarray]]:
+        """The held documents, {split: (value, ids)}, handed over (this splitter forgets them)."""
+        out = {k: v for k, v in self._held.items() if v is not None}
+        self._held = {"train": None, "val": None}
+        return out
+
+    def finish(self) -> None:
+        """Apply rule (2) and write the held documents."""
+        train, val = self._held["train"], self._held["val"]
+        n_train = self.written["train"] + (train is not None)
+        n_val = self.written["val"] + (val is not None)
+        if self.val_fraction > 0 and n_val == 0 and n_train >= 2:
+            log.info("no document fell in val (val_fraction %g); moving one from train",
+                     self.val_fraction)
+            self._held = {"train": None, "val": train}
+        elif n_train == 0 and n_val >= 2:
+            log.info("no document fell in train (val_fraction %g); moving one from val",
+                     self.val_fraction)
+            self._held = {"train": val, "val": None}
+        elif self.val_fraction > 0 and n_train + n_val < 2:
+            log.warning("only %d document: no val split (a single text file is one document; "
+                        "split it into several files or JSONL records)", n_train + n_val)
+            self._held = {"train": train or val, "val": None}  # a lone document is for training
+        for split, held in self.held().items():
+            self.add_routed(split, held[1])
+
+
+# ------------------------------------------------------------------ writing and reading
 
 @dataclass
 class _Split:

@@ -90,6 +90,7 @@ DEFAULTS: dict = {
             "enabled": False,
             "tokenizer": None,    # tokenizer directory; the run's `tokenizer_dir` argument overrides it
             "val_fraction": 0.005,
+            "seed": 0,            # seed of the train/val split (the rule of `lmlab data prepare`)
             "batch_size": 256,
         },
     },
@@ -209,3 +210,6 @@ def validate(r: dict) -> None:
     vf = r["output"]["tokens"]["val_fraction"]
     if not 0 <= float(vf) < 1:
         raise ConfigError(f"recipe: output.tokens.val_fraction must be in [0, 1), got {vf}")
+    seed = r["output"]["tokens"]["seed"]
+    if not isinstance(seed, int) or isinstance(seed, bool):
+        raise ConfigError(f"recipe: output.tokens.seed must be an integer, got {seed!r}")

@@ -152,7 +152,8 @@ class _Builder:
         o, steps = self.r["output"], []
         if o["tokens"]["enabled"]:
             steps.append(TokenShardStep(tokenizer_dir, str(self.L.task_tokens),
-                                        o["tokens"]["val_fraction"], o["tokens"]["batch_size"]))
+                                        o["tokens"]["val_fraction"], o["tokens"]["batch_size"],
+                                        o["tokens"]["seed"]))
         if o["documents"]:
             steps.append(_jsonl(self.L.documents))
         self.metered(steps, "output", None, histogram=True)
