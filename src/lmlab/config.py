@@ -5,8 +5,10 @@ is parsed by jsonargparse straight into these dataclasses, so every field is
 checked against its type and every run writes its resolved config
 (`config.yaml`) next to its outputs.
 
-`ModelSpec` is a model preset plus optional overrides of any `ModelConfig`
-field; it is generated from `ModelConfig` so the two never drift apart.
+`ModelSpec` is a model kind (registered in `lmlab.model`; default the
+Transformer), a preset plus optional overrides of any `ModelConfig` field; it
+is generated from `ModelConfig` so the two never drift apart. The kind's
+`from_spec` turns the fields into a model.
 """
 
 from __future__ import annotations
@@ -18,20 +20,30 @@ from typing import Literal, Optional
 
 import yaml
 
-from lmlab.model.config import ModelConfig, preset
+from lmlab.model import DEFAULT_KIND, build_from_spec
+from lmlab.model.config import ModelConfig
+
+
+def _model_spec_fields(spec) -> dict:
+    return {k: v for k, v in dataclasses.asdict(spec).items() if k != "kind" and v is not None}
 
 
 def _model_spec_class():
-    # every ModelConfig field, optional: None means "as in the preset"
+    # a kind, a preset, and every ModelConfig field, optional: None means "as in the preset"
     hints = typing.get_type_hints(ModelConfig)
-    fields = [("preset", str, field(default="small"))]
+    fields = [("kind", str, field(default=DEFAULT_KIND)),
+              ("preset", Optional[str], field(default="small"))]
     fields += [(f.name, Optional[hints[f.name]], field(default=None))
                for f in dataclasses.fields(ModelConfig)]
+
+    def build_model(self, **defaults):
+        """A fresh model of this kind: `defaults` (e.g. the tokenizer's vocab_size) unless set."""
+        return build_from_spec(self.kind, {**defaults, **_model_spec_fields(self)})
+
     return dataclasses.make_dataclass("ModelSpec", fields, namespace={
-        "__doc__": "A named preset (`tiny`, `small`, `gpt2-124m`, `llama-*`) and overrides of its fields.",
-        "build": lambda self, **defaults: preset(self.preset, **{
-            **defaults, **{k: v for k, v in dataclasses.asdict(self).items()
-                           if k != "preset" and v is not None}}),
+        "__doc__": "A model kind (default: transformer), a named preset (`tiny`, `small`, "
+                   "`gpt2-124m`, `llama-*`) and overrides of its fields.",
+        "build_model": build_model,
     })
 
 

@@ -125,6 +125,28 @@ def weights_to_save(model: nn.Module, state: dict[str, torch.Tensor] | None = No
     return {k: v.detach().contiguous() for k, v in keep.items()}
 
 
+def write_model_files(directory: str | os.PathLike, model: nn.Module,
+                      tokenizer_dir: str | os.PathLike | None = None,
+                      state: dict[str, torch.Tensor] | None = None) -> None:
+    """Write the files of a model directory into `directory` as they are (no renames).
+
+    Callers make it atomic by writing into a staging directory of
+    `lmlab.fileio.write_dir_atomically` (`save_model_dir`, checkpoints).
+    """
+    if tokenizer_dir is not None and not has_tokenizer_files(tokenizer_dir):
+        raise InputError(
+            f"{tokenizer_dir}: no tokenizer files (expected tokenizer.json); "
+            "pass the directory the tokenizer was saved to, or none"
+        )
+    directory = Path(directory)
+    save_file(weights_to_save(model, state), str(directory / WEIGHTS_FILE),
+              metadata={"format": "pt"})
+    if tokenizer_dir is not None:
+        copy_tokenizer_files(tokenizer_dir, directory)
+    (directory / CONFIG_FILE).write_text(json.dumps(model_config_json(model), indent=2),
+                                         encoding="utf-8")
+
+
 def save_model_dir(model: nn.Module, out_dir: str | os.PathLike,
                    tokenizer_dir: str | os.PathLike | None = None,
                    state: dict[str, torch.Tensor] | None = None) -> Path:
@@ -135,16 +157,8 @@ def save_model_dir(model: nn.Module, out_dir: str | os.PathLike,
             f"{tokenizer_dir}: no tokenizer files (expected tokenizer.json); "
             "pass the directory the tokenizer was saved to, or none"
         )
-    config = model_config_json(model)
-    weights = weights_to_save(model, state)
-
-    def write_files(directory: Path) -> None:
-        save_file(weights, str(directory / WEIGHTS_FILE), metadata={"format": "pt"})
-        if tokenizer_dir is not None:
-            copy_tokenizer_files(tokenizer_dir, directory)
-        (directory / CONFIG_FILE).write_text(json.dumps(config, indent=2), encoding="utf-8")
-
-    return write_dir_atomically(out_dir, write_files, last=CONFIG_FILE)
+    return write_dir_atomically(
+        out_dir, lambda d: write_model_files(d, model, tokenizer_dir, state), last=CONFIG_FILE)
 
 
 def _stored_float_dtype(weights_path: Path) -> torch.dtype | None:

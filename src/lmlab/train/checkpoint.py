@@ -4,9 +4,12 @@
         config.json  model.safetensors  tokenizer.json ...   (a model directory: `--model` takes it)
         trainer_state.pt    optimizer, step, RNG states, run progress (torch.load weights_only=True)
 
-A checkpoint is written into `.step_000200.tmp` and renamed when complete, so a
-crash (even SIGKILL) mid-write leaves the previous checkpoints intact and the
-half-written one is ignored and cleaned up on resume.
+A checkpoint is written into a staging directory (`.step_000200.tmp-XXXX`, by
+`lmlab.fileio.write_dir_atomically`) and renamed when complete, so a crash
+(even SIGKILL) mid-write leaves the previous checkpoints intact and the
+half-written one is ignored and cleaned up on resume. The weights saved are
+what the distribution strategy gathered (the whole model, or only its
+trainable part when the task asks for that).
 """
 
 from __future__ import annotations
@@ -19,7 +22,8 @@ from pathlib import Path
 
 import torch
 
-from lmlab.model_io import save_model_dir
+from lmlab.fileio import TMP_MARK, write_dir_atomically
+from lmlab.model_io import write_model_files
 
 log = logging.getLogger(__name__)
 STATE_FILE = "trainer_state.pt"
@@ -30,29 +34,34 @@ def checkpoint_dir(run_dir: str | os.PathLike) -> Path:
     return Path(run_dir) / "checkpoints"
 
 
-def save_checkpoint(run_dir, step: int, model, optimizer, state: dict, tokenizer_dir=None,
-                    keep_last: int = 3) -> Path:
-    """Write checkpoint `step` atomically, then delete all but the newest `keep_last`."""
+def save_checkpoint(run_dir, step: int, model, weights: dict, optimizer_state: dict, state: dict,
+                    tokenizer_dir=None, keep_last: int = 3) -> Path:
+    """Write checkpoint `step` atomically, then delete all but the newest `keep_last`.
+
+    `weights` is the state dict to store (as the strategy gathered it),
+    `optimizer_state` the optimizer's, `state` the rest of the trainer's.
+    """
     root = checkpoint_dir(run_dir)
     root.mkdir(parents=True, exist_ok=True)
     final = root / f"step_{step:06d}"
-    tmp = root / f".step_{step:06d}.tmp"
-    shutil.rmtree(tmp, ignore_errors=True)
-    save_model_dir(model, tmp, tokenizer_dir=tokenizer_dir)
     full_state = {
         "step": step,
-        "optimizer": optimizer.state_dict(),
+        "optimizer": optimizer_state,
         "rng_cpu": torch.get_rng_state(),
         "rng_cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
         **state,
     }
-    with open(tmp / STATE_FILE, "wb") as f:
-        torch.save(full_state, f)
-        f.flush()
-        os.fsync(f.fileno())
+
+    def write_files(directory: Path) -> None:
+        write_model_files(directory, model, tokenizer_dir, weights)
+        with open(directory / STATE_FILE, "wb") as f:
+            torch.save(full_state, f)
+            f.flush()
+            os.fsync(f.fileno())
+
     if final.exists():  # re-saving the same step (e.g. final save right after a periodic one)
         shutil.rmtree(final)
-    os.replace(tmp, final)
+    write_dir_atomically(final, write_files, last=STATE_FILE)
     for old in list_checkpoints(run_dir)[:-keep_last] if keep_last > 0 else []:
         shutil.rmtree(old, ignore_errors=True)
     return final
@@ -71,7 +80,7 @@ def latest_checkpoint(run_dir) -> Path | None:
     """The newest complete checkpoint; half-written `.tmp` ones are removed."""
     root = checkpoint_dir(run_dir)
     if root.is_dir():
-        for p in root.glob(".step_*.tmp"):
+        for p in root.glob(f".step_*{TMP_MARK}*"):
             log.warning("removing incomplete checkpoint %s (the run stopped while writing it)", p)
             shutil.rmtree(p, ignore_errors=True)
     done = list_checkpoints(run_dir)

@@ -3,8 +3,9 @@
 Under `torchrun --nproc_per_node N` every process reads RANK / WORLD_SIZE /
 LOCAL_RANK from the environment, joins a process group (nccl on GPUs, gloo on
 CPU) and wraps the model in DistributedDataParallel, which averages gradients
-across processes during backward. Run without torchrun, the same code is a
-single process with world size 1. The model file knows none of this.
+across processes during backward (`DDPStrategy`, the one strategy object the
+Trainer talks to). Run without torchrun, the same code is a single process
+with world size 1. The model file knows none of this.
 """
 
 from __future__ import annotations
@@ -68,17 +69,61 @@ def shutdown_distributed() -> None:
         dist.destroy_process_group()
 
 
-def wrap_ddp(model: nn.Module, d: Dist) -> nn.Module:
-    if not d.enabled:
-        return model
-    from torch.nn.parallel import DistributedDataParallel as DDP
+class DDPStrategy:
+    """Data parallelism: every process holds the whole model; DDP averages gradients in backward.
 
-    return DDP(model, device_ids=[d.device.index] if d.device.type == "cuda" else None)
+    The Trainer talks to a strategy object only — wrap the model, skip the
+    gradient all-reduce on accumulation micro-steps, gather the state to save,
+    load a saved state — so that a sharded strategy (FSDP2) can take this
+    one's place without a change to the loop. Saving gathers on every rank (a
+    sharded strategy needs all ranks there) and rank 0 writes.
+    """
+
+    name = "ddp"
+
+    def __init__(self, d: Dist):
+        self.dist = d
+
+    def wrap(self, model: nn.Module) -> nn.Module:
+        """What runs the steps (the optimizer is built after this, on `model`'s parameters)."""
+        if not self.dist.enabled:
+            return model
+        from torch.nn.parallel import DistributedDataParallel as DDP
+
+        d = self.dist
+        return DDP(model, device_ids=[d.device.index] if d.device.type == "cuda" else None)
+
+    def no_sync(self, wrapped: nn.Module, skip: bool):
+        """During gradient accumulation, only the last micro-step needs the all-reduce."""
+        if skip and hasattr(wrapped, "no_sync"):
+            return wrapped.no_sync()
+        return contextlib.nullcontext()
+
+    def model_state(self, model: nn.Module, trainable_only: bool = False) -> dict[str, torch.Tensor]:
+        """The full (unsharded) state dict of the plain module, for rank 0 to save."""
+        state = model.state_dict()
+        if trainable_only:
+            trainable = {n for n, p in model.named_parameters() if p.requires_grad}
+            state = {k: v for k, v in state.items() if k in trainable}
+        return state
+
+    def load_model_state(self, model: nn.Module, state: dict[str, torch.Tensor], source,
+                         partial: bool = False) -> None:
+        from lmlab.model_io import load_state_dict_strict
+
+        load_state_dict_strict(model, state, source, partial=partial)
+
+    def optimizer_state(self, model: nn.Module, optimizer: torch.optim.Optimizer) -> dict:
+        return optimizer.state_dict()
+
+    def load_optimizer_state(self, model: nn.Module, optimizer: torch.optim.Optimizer,
+                             state: dict) -> None:
+        optimizer.load_state_dict(state)
 
 
-def no_sync(model: nn.Module, skip: bool):
-    """During gradient accumulation, only the last micro-step needs the all-reduce."""
-    return model.no_sync() if skip and hasattr(model, "no_sync") else contextlib.nullcontext()
+def make_strategy(d: Dist) -> DDPStrategy:
+    """The distribution strategy of this run (today: DDP, a no-op in a single process)."""
+    return DDPStrategy(d)
 
 
 def all_reduce_sum(values: list[float], d: Dist) -> list[float]:

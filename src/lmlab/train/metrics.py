@@ -40,11 +40,6 @@ def measured_peak_flops(device_type: str, dtype: torch.dtype = torch.float32,
     return best
 
 
-def bits_per_byte(loss_nats_sum: float, n_bytes: int) -> float:
-    """Total cross-entropy in nats over the text's UTF-8 bytes, in bits: sum / (ln 2 · bytes)."""
-    return loss_nats_sum / (math.log(2) * max(1, n_bytes))
-
-
 class MetricsLog:
     """Appends one JSON object per line; mirrors scalars to TensorBoard when it is installed."""
 

@@ -16,9 +16,20 @@ A task implements:
     train_batch(step, micro, accum, rank, world) -> batch   (a pure function of its arguments)
     loss(model, batch) -> scalar tensor (mean over the batch)
     val_batches(rank, world) -> iterable of batches
-    eval_sums(model, batch) -> dict of sums, e.g. {"loss_sum": .., "tokens": ..}
+    eval_keys -> tuple of the sums eval_sums returns, e.g. ("loss_sum", "tokens")
+    eval_sums(model, batch) -> dict of those sums for one batch
     eval_metrics(sums) -> dict, e.g. {"val_loss": .., "val_bpb": ..}
-    tokens_per_step(accum, world) -> int        (for tokens/s and MFU)
+    tokens_per_step(accum, world) -> int        (for tokens/s and MFU; samples for a
+                                                 task without tokens)
+
+A batch is a tensor or a tuple / list / dict of them, built on the CPU; the
+Trainer moves it to the device. Every rank all-reduces the same `eval_keys`,
+whether or not it got validation batches, so a tiny validation split cannot
+make the ranks disagree about what they reduce.
+
+Distribution goes through one strategy object (`lmlab.train.distributed`):
+it wraps the model (the optimizer is built after, on the wrapped model's
+parameters), and gathers and loads the state that checkpoints hold.
 """
 
 from __future__ import annotations
@@ -35,14 +46,15 @@ from typing import Any, Callable, Protocol
 import torch
 from safetensors.torch import load_file
 from torch import nn
+from torch.utils._pytree import tree_map
 
 from lmlab.config import TrainConfig
 from lmlab.errors import LmlabError
 from lmlab.model.loss import compiled_kernels
-from lmlab.model_io import WEIGHTS_FILE, load_state_dict_strict
+from lmlab.model_io import WEIGHTS_FILE
 from lmlab.train import checkpoint as ckpt
 from lmlab.train.distributed import (Dist, all_reduce_sum, autocast, autocast_dtype,
-                                     broadcast_floats, keep_freed_memory, no_sync, wrap_ddp)
+                                     broadcast_floats, keep_freed_memory, make_strategy)
 from lmlab.train.metrics import MetricsLog, measured_peak_flops
 from lmlab.train.optim import build_adamw, cosine_with_warmup
 
@@ -57,6 +69,7 @@ class Task(Protocol):
     def train_batch(self, step: int, micro: int, accum: int, rank: int, world: int) -> Any: ...
     def loss(self, model: nn.Module, batch: Any) -> torch.Tensor: ...
     def val_batches(self, rank: int, world: int): ...
+    eval_keys: tuple[str, ...]
     def eval_sums(self, model: nn.Module, batch: Any) -> dict[str, float]: ...
     def eval_metrics(self, sums: dict[str, float]) -> dict[str, float]: ...
     def tokens_per_step(self, accum: int, world: int) -> int: ...
@@ -80,13 +93,17 @@ class Trainer:
     """Runs `task` on `model` under `cfg`; writes metrics and checkpoints to `run_dir`.
 
     `callback(event, data)` receives "start", "log", "eval", "checkpoint" events
-    (on the main process only); the CLI draws progress from them.
+    (on the main process only); the CLI draws progress from them. With
+    `trainable_only`, checkpoints hold only the parameters that require a
+    gradient (e.g. an adapter over a frozen base the task rebuilds).
     """
 
     def __init__(self, model: nn.Module, task: Task, cfg: TrainConfig, run_dir: str | Path,
                  dist: Dist, tokenizer_dir: str | None = None,
-                 callback: Callable[[str, dict], None] | None = None, flops_per_token: float = 0.0):
+                 callback: Callable[[str, dict], None] | None = None, flops_per_token: float = 0.0,
+                 trainable_only: bool = False):
         self.raw_model = model.to(dist.device)
+        self.trainable_only = trainable_only
         if dist.device.type == "cpu":
             keep_freed_memory()
         self.task, self.cfg, self.dist = task, cfg, dist
@@ -99,16 +116,18 @@ class Trainer:
         # before clipping (bf16 has fp32's range and needs none of this)
         self.scaler = (torch.amp.GradScaler(dist.device.type)
                        if self.amp_dtype == torch.float16 else None)
-        self.optimizer = build_adamw(self.raw_model, cfg.lr, cfg.weight_decay,
-                                     (cfg.beta1, cfg.beta2))
         self.step = 0
         self.train_seconds = 0.0  # accumulated over resumes, drives time-based schedules
         self.skipped = 0
         self.saved_step = -1
         self._stop_signal: str | None = None
         self.metrics = MetricsLog(self.run_dir, enabled=dist.is_main)
-        # what runs the steps: DDP and compilation are wrapped around the plain module
-        self.model = wrap_ddp(self.raw_model, dist)
+        # what runs the steps: the strategy (DDP) and compilation wrap the plain module, and
+        # the optimizer is built after wrapping (a sharding strategy replaces the parameters)
+        self.strategy = make_strategy(dist)
+        self.model = self.strategy.wrap(self.raw_model)
+        self.optimizer = build_adamw(self.raw_model, cfg.lr, cfg.weight_decay,
+                                     (cfg.beta1, cfg.beta2))
         if cfg.compile:
             self.model = torch.compile(self.model)
 
@@ -119,9 +138,10 @@ class Trainer:
         path = ckpt.latest_checkpoint(self.run_dir)
         if path is None:
             return None
-        load_state_dict_strict(self.raw_model, load_file(str(path / WEIGHTS_FILE)), path)
+        self.strategy.load_model_state(self.raw_model, load_file(str(path / WEIGHTS_FILE)), path,
+                                       partial=self.trainable_only)
         state = ckpt.load_trainer_state(path)
-        self.optimizer.load_state_dict(state["optimizer"])
+        self.strategy.load_optimizer_state(self.raw_model, self.optimizer, state["optimizer"])
         ckpt.restore_rng(state)
         self.step = self.saved_step = state["step"]
         self.train_seconds = state.get("train_seconds", 0.0)
@@ -132,11 +152,17 @@ class Trainer:
         log.info("resumed from %s at step %d", path, self.step)
         return path
 
+    def model_state(self) -> dict[str, torch.Tensor]:
+        """What the model directory of this run holds (all ranks call it; rank 0 writes)."""
+        return self.strategy.model_state(self.raw_model, self.trainable_only)
+
     def save(self) -> Path | None:
         path = None
+        weights = self.model_state()
+        optimizer = self.strategy.optimizer_state(self.raw_model, self.optimizer)
         if self.dist.is_main:
             path = ckpt.save_checkpoint(
-                self.run_dir, self.step, self.raw_model, self.optimizer,
+                self.run_dir, self.step, self.raw_model, weights, optimizer,
                 {"train_seconds": self.train_seconds, "skipped": self.skipped,
                  "scaler": self.scaler.state_dict() if self.scaler else {}},
                 tokenizer_dir=self.tokenizer_dir, keep_last=self.cfg.keep_checkpoints)
@@ -151,16 +177,19 @@ class Trainer:
     @torch.no_grad()
     def evaluate(self, model: nn.Module) -> dict[str, float]:
         model.eval()
-        sums: dict[str, float] = {}
+        keys = tuple(self.task.eval_keys)
+        sums = dict.fromkeys(keys, 0.0)
         with autocast(self.dist.device, self.amp_dtype):
             for batch in self.task.val_batches(self.dist.rank, self.dist.world):
-                for k, v in self.task.eval_sums(model, batch).items():
-                    sums[k] = sums.get(k, 0.0) + v
+                got = self.task.eval_sums(model, self.to_device(batch))
+                if set(got) != set(keys):
+                    raise ValueError(f"{type(self.task).__name__}.eval_sums returned {sorted(got)}; "
+                                     f"its eval_keys are {sorted(keys)}")
+                for k, v in got.items():
+                    sums[k] += float(v)
         model.train()
-        keys = sorted(sums)
-        # every rank must join the all-reduce, even one that got no batches
-        keys = keys or ["loss_sum", "tokens"]
-        totals = all_reduce_sum([sums.get(k, 0.0) for k in keys], self.dist)
+        # every rank joins the same all-reduce, even one that got no batches
+        totals = all_reduce_sum([sums[k] for k in keys], self.dist)
         return self.task.eval_metrics(dict(zip(keys, totals)))
 
     # ------------------------------------------------------------ the loop
@@ -172,6 +201,15 @@ class Trainer:
         self._stop_signal = name
         log.warning("%s received: finishing the current step, then saving a checkpoint", name)
 
+    def to_device(self, batch):
+        """The batch (tensors, possibly in tuples / lists / dicts) on this process's device."""
+        dev = self.dist.device
+        if dev.type == "cpu":
+            return batch
+        nb = dev.type == "cuda"
+        return tree_map(lambda t: t.to(dev, non_blocking=nb) if isinstance(t, torch.Tensor) else t,
+                        batch)
+
     def train_step(self, lr: float) -> tuple[float, float]:
         """One optimizer step at learning rate `lr`: (mean loss, gradient norm before clipping)."""
         cfg, d, model = self.cfg, self.dist, self.model
@@ -179,9 +217,10 @@ class Trainer:
             group["lr"] = lr
         loss_sum = torch.zeros((), device=d.device)
         for micro in range(cfg.grad_accum):
-            batch = self.task.train_batch(self.step, micro, cfg.grad_accum, d.rank, d.world)
+            batch = self.to_device(
+                self.task.train_batch(self.step, micro, cfg.grad_accum, d.rank, d.world))
             # with train.compile, the loss's chunk kernel (outside the model's graph) is compiled too
-            with (no_sync(model, micro < cfg.grad_accum - 1), autocast(d.device, self.amp_dtype),
+            with (self.strategy.no_sync(model, micro < cfg.grad_accum - 1), autocast(d.device, self.amp_dtype),
                   compiled_kernels(cfg.compile)):
                 loss = self.task.loss(model, batch) / cfg.grad_accum
             (self.scaler.scale(loss) if self.scaler else loss).backward()

@@ -1,0 +1,95 @@
+"""The run plumbing every training task shares: `run_task(model, task, train_cfg, out_dir)`.
+
+A task (pretraining, classification, SFT, ...) builds its model and its data
+and hands both here. `run_task` does the rest, the same way for every task:
+
+    join the torchrun process group (or run as one process) and pick the device
+    refuse an output directory that already holds checkpoints, unless resuming
+    write the resolved run config (config.yaml) next to the outputs
+    build the Trainer (strategy, optimizer, compilation) and resume if asked
+    run the loop; then save the final model directory, plot the loss curve
+
+The run directory is itself a model directory (config.json names the model's
+kind, model.safetensors its weights, plus the tokenizer files), so
+`lmlab generate --model RUN_DIR` and `lmlab.load(RUN_DIR)` take it. Checkpoints
+store what the model supplies — its config dict and its state dict, or only
+the trainable part (`trainable_only`) — so no model has to pretend to be a
+Transformer.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable
+
+from torch import nn
+
+from lmlab.config import TrainConfig, to_yaml
+from lmlab.errors import ConfigError
+from lmlab.fileio import atomic_write_text
+from lmlab.model_io import save_model_dir
+from lmlab.train.distributed import init_distributed, shutdown_distributed
+from lmlab.train.metrics import plot_loss_curve
+from lmlab.train.trainer import FitResult, Task, Trainer
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class RunResult:
+    fit: FitResult
+    run_dir: Path
+    params: int
+    model_config: dict
+    loss_png: Path | None
+    kind: str = ""
+
+
+def _has_checkpoints(run_dir: Path) -> bool:
+    root = run_dir / "checkpoints"
+    return root.is_dir() and any(p.name.startswith("step_") for p in root.iterdir())
+
+
+def run_task(model: nn.Module, task: Task, train: TrainConfig, out_dir: str | Path, *,
+             resume: bool = False, run_config: Any = None, tokenizer_dir: str | None = None,
+             callback: Callable[[str, dict], None] | None = None, flops_per_token: float = 0.0,
+             trainable_only: bool = False) -> RunResult:
+    """Train `model` on `task` under `train` into `out_dir`; run under torchrun for DDP.
+
+    `run_config` (a dataclass, default `train`) is written as config.yaml.
+    `flops_per_token` feeds MFU (0: not reported). Returns when the run ends —
+    finished, at its time limit, or interrupted by a signal (then with a
+    checkpoint to resume from).
+    """
+    run_dir = Path(out_dir)
+    if run_dir.exists() and not run_dir.is_dir():
+        raise ConfigError(f"{run_dir}: exists and is not a directory; choose another output path")
+    if not resume and _has_checkpoints(run_dir):
+        raise ConfigError(f"{run_dir} already holds checkpoints; pass --resume to continue that "
+                          "run, or choose another --out_dir")
+    d = init_distributed(train.device)
+    try:
+        if d.is_main:
+            run_dir.mkdir(parents=True, exist_ok=True)
+            cfg = run_config if run_config is not None else train
+            if dataclasses.is_dataclass(cfg):
+                atomic_write_text(run_dir / "config.yaml", to_yaml(cfg))
+        trainer = Trainer(model, task, train, run_dir, d, tokenizer_dir=tokenizer_dir,
+                          callback=callback, flops_per_token=flops_per_token,
+                          trainable_only=trainable_only)
+        if resume and trainer.resume() is None:
+            log.warning("--resume: no checkpoint in %s yet; starting from step 0", run_dir)
+        result = trainer.fit()
+        weights = trainer.model_state()  # gathered on every rank, written by rank 0
+        png = None
+        if d.is_main:
+            save_model_dir(trainer.raw_model, run_dir, tokenizer_dir=tokenizer_dir, state=weights)
+            png = plot_loss_curve(run_dir / "metrics.jsonl", run_dir / "loss.png")
+        params = sum(p.numel() for p in model.parameters())  # a tied tensor counts once
+        return RunResult(fit=result, run_dir=run_dir, params=params,
+                         model_config=model.config_dict(), loss_png=png, kind=model.kind)
+    finally:
+        shutdown_distributed()
