@@ -61,6 +61,7 @@ from lmlab.data.shards import (
 )
 from lmlab.data.sources import Document, ReadStats, iter_documents
 from lmlab.errors import ConfigError, InputError
+from lmlab.fileio import TMP_MARK
 from lmlab.tokenizer import Tokenizer
 
 log = logging.getLogger(__name__)
@@ -191,9 +192,27 @@ def _check_out_dir(out: Path) -> None:
                          f"({', '.join(strangers[:3])}) — choose a new or empty --out directory")
 
 
+def _stage_dir(out: Path) -> Path:
+    """An empty directory beside `out`, named as `lmlab.fileio` names its temporaries."""
+    # beside out_dir, so the final rename stays on one filesystem; mkdir (unlike mkdtemp's 0700)
+    # gives the directory the permissions the user's umask asks for
+    tmp = out.parent / f".{out.name}{TMP_MARK}{os.getpid()}-{secrets.token_hex(4)}"
+    tmp.mkdir()
+    return tmp
+
+
 def _move_into_place(tmp: Path, out: Path) -> None:
-    if out.exists():  # two renames: the old output stays whole until the new one is complete
-        old = out.with_name(f".{out.name}.old-{os.getpid()}")
+    """Replace `out` by the complete directory `tmp`, whole.
+
+    Not `lmlab.fileio.write_dir_atomically`: into an existing directory that
+    renames file by file (right for a run directory, whose checkpoints must
+    stay), which would leave an old shard directory's extra files behind and,
+    for a moment, the old meta.json beside new shards. A shard directory is
+    replaced whole, by two renames: the old output stays whole until the new
+    one is complete.
+    """
+    if out.exists():
+        old = out.with_name(f".{out.name}{TMP_MARK}old-{os.getpid()}")
         os.replace(out, old)
         os.replace(tmp, out)
         shutil.rmtree(old, ignore_errors=True)
@@ -223,10 +242,7 @@ def prepare(inputs: list[str], tokenizer_dir: str | os.PathLike, out_dir: str | 
 
     stats = ReadStats()
     counts = {"duplicates": 0}
-    # beside out_dir, so the final rename stays on one filesystem; mkdir (unlike mkdtemp's 0700)
-    # gives the directory the permissions the user's umask asks for
-    tmp = out.parent / f".{out.name}.tmp-{os.getpid()}-{secrets.token_hex(4)}"
-    tmp.mkdir()
+    tmp = _stage_dir(out)
     try:
         extra = {"sources": [str(p) for p in inputs], "val_fraction": val_fraction, "seed": seed,
                  "text_field": text_field}

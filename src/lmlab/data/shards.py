@@ -7,8 +7,9 @@ A shard directory holds
     meta.json                               dtype, vocab size, eos id, tokenizer hash, counts
 
 Each document's tokens are followed by the EOS id, so documents never run into
-one another unmarked. Files are written under a temporary name and renamed into
-place, and meta.json is written last: a directory with a meta.json is complete.
+one another unmarked. Every file is written through `lmlab.fileio` (a temporary
+name, fsync, rename), and meta.json is written last: a directory with a
+meta.json is complete.
 
 `TokenShardWriter` is the only writer (used by `lmlab data prepare` and by the
 `lmlab data process` pipeline); `TokenShards` reads a split with numpy.memmap.
@@ -18,6 +19,7 @@ Both writers decide train or val by the one rule here, `split_value` and
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import logging
@@ -29,6 +31,11 @@ from typing import Iterable
 import numpy as np
 
 from lmlab.errors import InputError
+from lmlab.fileio import atomic_file, atomic_write_text
+
+# Re-exported for callers that still import it from here (lmlab.quickstart,
+# lmlab.train.pretrain); import it from lmlab.fileio. Goes once they have moved.
+__all__ = ["atomic_write_text"]
 
 log = logging.getLogger(__name__)
 
@@ -38,17 +45,6 @@ DEFAULT_SHARD_TOKENS = 64 * 1024 * 1024  # 128 MB of uint16 per file
 
 def dtype_for_vocab(vocab_size: int) -> np.dtype:
     return np.dtype("<u2") if vocab_size <= 65536 else np.dtype("<u4")
-
-
-def atomic_write_text(path: str | os.PathLike, text: str) -> None:
-    """Write a text file so that readers see the old or the new content, never a half."""
-    path = Path(path)
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    with open(tmp, "w", encoding="utf-8") as f:
-        f.write(text)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
 
 
 def file_sha256(path: str | os.PathLike) -> str:
@@ -67,7 +63,7 @@ def text_digest(text: str) -> bytes:
 
 
 def split_value(digest: bytes, seed: int = 0) -> float:
-    """A uniform number in [0, 1) from a document's `text_digest` and the seed; below val_fraction: val.
+    """A uniform number in [0, 1) from a document's `text_digest` and `seed`; < val_fraction: val.
 
     The split is by content, not by position or id:
     - the same whatever the file order, the number of workers or tasks, the
@@ -177,7 +173,8 @@ class TokenShardWriter:
         self.shard_tokens = shard_tokens
         self.extra_meta = extra_meta or {}
         self.splits: dict[str, _Split] = {}
-        self._open: dict[str, tuple] = {}  # split -> (file object, tmp path, final path, tokens in file)
+        # split -> (its atomic_file context, the file object, final path, tokens in the file)
+        self._open: dict[str, tuple] = {}
         self._eos = np.array([eos_id], dtype=self.dtype)
         self._closed = False
 
@@ -186,16 +183,14 @@ class TokenShardWriter:
             s = self.splits.setdefault(split, _Split())
             name = f"{split}_{len(s.files):05d}.bin"
             final = self.out_dir / name
-            tmp = self.out_dir / f".{name}.tmp"
-            self._open[split] = (open(tmp, "wb"), tmp, final, 0)
+            stack = contextlib.ExitStack()
+            f = stack.enter_context(atomic_file(final, mkdir=False))
+            self._open[split] = (stack, f, final, 0)
         return self._open[split]
 
     def _finish(self, split: str) -> None:
-        f, tmp, final, _ = self._open.pop(split)
-        f.flush()
-        os.fsync(f.fileno())
-        f.close()
-        os.replace(tmp, final)
+        stack, _, final, _ = self._open.pop(split)
+        stack.close()  # fsync and rename onto the final name
         self.splits[split].files.append(final.name)
 
     def add(self, ids: Iterable[int] | np.ndarray, split: str = "train") -> None:
@@ -203,14 +198,14 @@ class TokenShardWriter:
         arr = np.asarray(ids, dtype=self.dtype)
         if arr.size and int(arr.max()) >= self.vocab_size:
             raise ValueError(f"token id {int(arr.max())} >= vocab_size {self.vocab_size}")
-        f, tmp, final, n = self._file(split)
+        stack, f, final, n = self._file(split)
         f.write(arr.tobytes())
         f.write(self._eos.tobytes())
         n += arr.size + 1
         s = self.splits[split]
         s.documents += 1
         s.tokens += arr.size + 1
-        self._open[split] = (f, tmp, final, n)
+        self._open[split] = (stack, f, final, n)
         if n >= self.shard_tokens:
             self._finish(split)
 
@@ -219,8 +214,12 @@ class TokenShardWriter:
         if self._closed:
             return self.meta
         self.extra_meta.update(extra_meta or {})
-        for split in list(self._open):
-            self._finish(split)
+        try:
+            for split in list(self._open):
+                self._finish(split)
+        except BaseException as e:
+            self._abort(e)
+            raise
         self.meta = {
             "format": FORMAT,
             "dtype": self.dtype.name,
@@ -239,14 +238,17 @@ class TokenShardWriter:
     def __enter__(self):
         return self
 
-    def __exit__(self, exc_type, *exc):
+    def _abort(self, exc: BaseException) -> None:
+        """Drop the open shards' temporary files: no half-written shard, no meta.json."""
+        for stack, *_ in self._open.values():
+            stack.__exit__(type(exc), exc, exc.__traceback__)  # atomic_file unlinks its temp file
+        self._open.clear()
+
+    def __exit__(self, exc_type, exc, tb):
         if exc_type is None:
             self.close()
-        else:  # leave no half-written shards and no meta.json that claims completeness
-            for f, tmp, _, _ in self._open.values():
-                f.close()
-                tmp.unlink(missing_ok=True)
-            self._open.clear()
+        else:
+            self._abort(exc)
 
 
 def read_meta(shard_dir: str | os.PathLike) -> dict:

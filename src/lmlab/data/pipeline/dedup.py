@@ -48,6 +48,7 @@ from datatrove.utils.hashing import HashConfig
 from datatrove.utils.typeshelper import StatHints
 
 from lmlab.data.pipeline.text import RegexWordTokenizer, shingles, simplify
+from lmlab.fileio import atomic_write_bytes, atomic_write_text
 
 KEEP, EXACT, NEAR, PARAGRAPH = 0, 1, 2, 3  # PARAGRAPH: every line was seen in an earlier document
 REASONS = {EXACT: "exact_duplicate", NEAR: "near_duplicate", PARAGRAPH: "paragraph_duplicate"}
@@ -220,10 +221,8 @@ class BandBuckets(PipelineStep):
         for band in range(rank, self.bands, world_size):
             with self.track_time():
                 pairs = self.band_pairs(band)
-                final = self.pairs_folder / f"{band:05d}_00.dups"
-                tmp = final.with_suffix(".dups.tmp")
-                pairs.tofile(tmp)
-                tmp.replace(final)  # a crashed task leaves no half-written pair file
+                # a crashed task leaves no half-written pair file
+                atomic_write_bytes(self.pairs_folder / f"{band:05d}_00.dups", pairs.tobytes())
                 self.stat_update("total_matches", value=len(pairs))
         return iter(())
 
@@ -372,7 +371,7 @@ class DuplicateClusters(PipelineStep):
         lines_dropped = 0
         if self.paragraph_folder:
             lines_dropped = self._paragraph_drops(nodes[action != KEEP], out)
-        (out / "clusters.json").write_text(json.dumps({
+        atomic_write_text(out / "clusters.json", json.dumps({
             "duplicate_lines": lines_dropped,
             "clusters": int(is_root.sum()),
             "documents_in_clusters": int(nodes.size),

@@ -20,17 +20,15 @@ from pathlib import Path
 from datatrove.data import DocumentsPipeline
 from datatrove.pipeline.base import PipelineStep
 
+from lmlab.fileio import atomic_write_text
+
 # document length histogram: bin i holds lengths in [2**i, 2**(i+1)) bytes
 LENGTH_BINS = 28
 
 
 def write_json(path: str | os.PathLike, data) -> None:
     """Write JSON atomically (readers in another process never see half a file)."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    tmp.write_text(json.dumps(data), encoding="utf-8")
-    os.replace(tmp, path)
+    atomic_write_text(path, json.dumps(data))
 
 
 class Meter(PipelineStep):

@@ -217,7 +217,7 @@ figure{{display:inline-block;margin:0 1em 1em 0}}pre{{white-space:pre-wrap;backg
 
 def write_report(out: Path, recipe: dict, token_meta: dict | None = None,
                  seconds: dict | None = None) -> dict:
-    from lmlab.data.shards import atomic_write_text
+    from lmlab.fileio import atomic_write_text
 
     rep = build_report(out, recipe, token_meta, seconds)
     charts = _charts(rep, out / "charts")

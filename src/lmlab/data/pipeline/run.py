@@ -50,6 +50,7 @@ from lmlab.data.pipeline.read import RankJsonlReader, SourceReader, expand_input
 from lmlab.data.pipeline.recipe import load_recipe
 from lmlab.data.pipeline.tokens import TokenShardStep, merge_token_shards
 from lmlab.errors import ConfigError, InputError
+from lmlab.fileio import atomic_write_text
 
 log = logging.getLogger(__name__)
 
@@ -280,8 +281,8 @@ def run_recipe(recipe_path_or_dict, inputs: list[str], out_dir: str, workers: in
     files = expand_inputs(inputs)
     L = _Layout(Path(out_dir).resolve())
     L.work.mkdir(parents=True, exist_ok=True)
-    (L.out / "recipe.yaml").write_text(yaml.safe_dump(recipe, sort_keys=False, allow_unicode=True),
-                                       encoding="utf-8")
+    atomic_write_text(L.out / "recipe.yaml",
+                      yaml.safe_dump(recipe, sort_keys=False, allow_unicode=True))
     tasks = recipe["executor"]["tasks"] or workers
     tasks = max(1, min(int(tasks), len(files)))
 
