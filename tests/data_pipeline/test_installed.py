@@ -31,7 +31,7 @@ def test_the_package_carries_no_test_fixtures():
 
 
 def _build_and_install(tmp: Path) -> Path:
-    """Build a wheel from a copy of the sources (the checkout stays untouched); install it to a dir."""
+    """Build a wheel from a copy of the sources (the checkout stays untouched), install to a dir."""
     src = tmp / "sources"
     src.mkdir()
     for name in ("pyproject.toml", "README.md"):
@@ -43,8 +43,8 @@ def _build_and_install(tmp: Path) -> Path:
                           "-w", str(tmp / "wheel")], check=True, capture_output=True)
     (wheel,) = (tmp / "wheel").glob("lmlab-*.whl")
     target = tmp / "installed"
-    subprocess.run(pip + ["install", "--no-deps", "--no-index", "--target", str(target), str(wheel)],
-                   check=True, capture_output=True)
+    subprocess.run(pip + ["install", "--no-deps", "--no-index", "--target", str(target),
+                          str(wheel)], check=True, capture_output=True)
     return target
 
 

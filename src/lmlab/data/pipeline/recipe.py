@@ -147,8 +147,9 @@ def _recipe_text(recipe: str | os.PathLike) -> tuple[str, str]:
         shipped = _shipped_dir().joinpath(f"{recipe}.yaml")
         return str(shipped), shipped.read_text(encoding="utf-8")
     hint = ""
-    if path.suffix in (".yaml", ".yml") and path.stem in names:  # e.g. an old configs/data/web-en.yaml
-        hint = f"; the shipped {path.stem!r} is in the package now: pass its name, --recipe {path.stem}"
+    if path.suffix in (".yaml", ".yml") and path.stem in names:  # e.g. configs/data/web-en.yaml
+        hint = (f"; the shipped {path.stem!r} is in the package now: "
+                f"pass its name, --recipe {path.stem}")
     raise ConfigError(f"{recipe}: no such recipe file, nor a shipped recipe "
                       f"({', '.join(names)}){hint}")
 
