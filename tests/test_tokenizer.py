@@ -105,3 +105,144 @@ def test_cli_train(tmp_path):
                         str(tmp_path / "missing.txt"), "--out", str(out)],
                        capture_output=True, text=True)
     assert r.returncode == 2 and "Traceback" not in r.stderr and "missing.txt" in r.stderr
+
+
+# ---------------------------------------------------------------- other families' tokenizers
+
+def test_lmlab_tokenizer_end_of_turn_and_stop_ids(tokenizer, tokenizer_dir):
+    assert (tokenizer.bos_id, tokenizer.pad_id, tokenizer.eot_id) == (1, 2, 4)
+    assert tokenizer.stop_ids == [tokenizer.eos_id, tokenizer.eot_id] == [0, 4]
+    lengths = tokenizer.token_byte_lengths()
+    assert lengths[:len(SPECIAL_TOKENS)] == [0] * len(SPECIAL_TOKENS)
+    assert all(n > 0 for n in lengths[len(SPECIAL_TOKENS):])
+
+
+def raw_tokenizer(specials: list[str]):
+    """A byte-level BPE with `specials` first, as a Hugging Face model's tokenizer.json holds it."""
+    from tokenizers import Tokenizer as RawTokenizer, decoders, models, pre_tokenizers, trainers
+
+    raw = RawTokenizer(models.BPE())
+    raw.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    raw.decoder = decoders.ByteLevel()
+    raw.train_from_iterator(["hello world, def f(x): return x\n"] * 20, trainers.BpeTrainer(
+        vocab_size=300, special_tokens=specials, show_progress=False,
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
+    return raw
+
+
+def tokenizer_dir_with(path, specials, **files):
+    """A directory with tokenizer.json and the given config files (name_json=dict)."""
+    path.mkdir()
+    raw_tokenizer(specials).save(str(path / "tokenizer.json"))
+    for name, content in files.items():
+        (path / name.replace("_json", ".json")).write_text(json.dumps(content))
+    return path
+
+
+LLAMA2 = ["<unk>", "<s>", "</s>"]
+
+
+def test_special_tokens_come_from_the_directory(tmp_path):
+    # transformers writes a token as a string or as an AddedToken dict
+    d = tokenizer_dir_with(tmp_path / "llama", LLAMA2, tokenizer_config_json={
+        "bos_token": {"content": "<s>", "special": True}, "eos_token": "</s>",
+        "pad_token": None, "unk_token": "<unk>"})
+    tok = Tokenizer.load(d)
+    assert (tok.bos_id, tok.eos_id, tok.pad_id, tok.eot_id) == (1, 2, None, None)
+    assert tok.stop_ids == [2]
+    assert tok.token_byte_lengths()[:3] == [0, 0, 0]
+    # an older directory names them in special_tokens_map.json only
+    d = tokenizer_dir_with(tmp_path / "old", LLAMA2,
+                           special_tokens_map_json={"bos_token": "<s>", "eos_token": "</s>"})
+    assert (Tokenizer.load(d).bos_id, Tokenizer.load(d).eos_id) == (1, 2)
+
+
+def test_generation_config_adds_stop_ids(tmp_path):
+    llama3 = ["<|begin_of_text|>", "<|end_of_text|>", "<|eot_id|>", "<|eom_id|>"]
+    d = tokenizer_dir_with(
+        tmp_path / "llama3", llama3,
+        tokenizer_config_json={"bos_token": "<|begin_of_text|>", "eos_token": "<|end_of_text|>"},
+        generation_config_json={"bos_token_id": 0, "eos_token_id": [1, 3, 2]})
+    tok = Tokenizer.load(d)
+    assert (tok.bos_id, tok.eos_id, tok.eot_id) == (0, 1, 2)
+    assert tok.stop_ids == [1, 2, 3]  # eos, end of turn, then generation_config's others
+    # one id, not a list, is as valid; an id the vocabulary lacks (a default left from
+    # another vocabulary) is dropped
+    (d / "generation_config.json").write_text(json.dumps({"eos_token_id": 50256}))
+    assert Tokenizer.load(d).stop_ids == [1, 2]
+    (d / "generation_config.json").write_text(json.dumps({"eos_token_id": 3}))
+    assert Tokenizer.load(d).stop_ids == [1, 2, 3]
+
+
+def test_eos_named_only_by_generation_config(tmp_path):
+    d = tokenizer_dir_with(tmp_path / "t", LLAMA2, tokenizer_config_json={"bos_token": "<s>"},
+                           generation_config_json={"eos_token_id": 2})
+    tok = Tokenizer.load(d)
+    assert tok.eos_id == 2 and tok.stop_ids == [2]
+
+
+def test_tokenizer_json_alone(tmp_path):
+    """Without config files lmlab's names are looked up; other tokens are simply absent."""
+    d = tokenizer_dir_with(tmp_path / "foreign", LLAMA2)
+    tok = Tokenizer.load(d)
+    assert (tok.bos_id, tok.eos_id, tok.pad_id, tok.eot_id, tok.stop_ids) == (
+        None, None, None, None, [])
+    assert tok.decode(tok.encode("hello world")) == "hello world"
+    d = tokenizer_dir_with(tmp_path / "lmlab", SPECIAL_TOKENS)
+    tok = Tokenizer.load(d / "tokenizer.json")  # the file itself works as well
+    assert (tok.eos_id, tok.bos_id, tok.pad_id, tok.eot_id, tok.stop_ids) == (0, 1, 2, 4, [0, 4])
+
+
+def test_save_writes_a_loaded_tokenizers_files_back(tmp_path, tokenizer_dir):
+    qwen = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
+    config = {"eos_token": "<|im_end|>", "pad_token": "<|endoftext|>", "bos_token": None,
+              "chat_template": "{{ messages }}"}
+    d = tokenizer_dir_with(tmp_path / "qwen", qwen, tokenizer_config_json=config,
+                           generation_config_json={"eos_token_id": [2, 0]})
+    tok = Tokenizer.load(d)
+    assert (tok.eos_id, tok.eot_id, tok.pad_id, tok.bos_id, tok.stop_ids) == (2, 2, 0, None, [2, 0])
+    (tmp_path / "out").mkdir()
+    (tmp_path / "out" / "weights.bin").write_text("kept")
+    tok.save(tmp_path / "out")
+    out = tmp_path / "out"
+    assert sorted(p.name for p in out.iterdir()) == [
+        "generation_config.json", "tokenizer.json", "tokenizer_config.json", "weights.bin"]
+    assert json.loads((out / "tokenizer_config.json").read_text()) == config
+    again = Tokenizer.load(out)
+    assert again.hash == tok.hash and again.stop_ids == [2, 0]
+    # lmlab's own tokenizer saves the same directory it was loaded from
+    Tokenizer.load(tokenizer_dir).save(tmp_path / "copy")
+    for name in ("tokenizer_config.json", "special_tokens_map.json"):
+        assert (tmp_path / "copy" / name).read_text() == (tokenizer_dir / name).read_text()
+
+
+def test_chat_template_needs_chatml_tokens(tmp_path):
+    tok = Tokenizer.load(tokenizer_dir_with(tmp_path / "t", LLAMA2))
+    with pytest.raises(InputError, match="no <\\|im_start\\|> token"):
+        tok.apply_chat_template([{"role": "user", "content": "hi"}])
+
+
+@pytest.mark.parametrize("name,content,match", [
+    ("tokenizer_config.json", {"eos_token": "<|missing|>"},
+     r"tokenizer_config.json: eos_token '<\|missing\|>' is not in tokenizer.json"),
+    ("tokenizer_config.json", {"eos_token": 5}, r"tokenizer_config.json: eos_token must be"),
+    ("tokenizer_config.json", ["not", "an", "object"], r"tokenizer_config.json: expected a JSON"),
+    ("generation_config.json", {"eos_token_id": "</s>"},
+     r"generation_config.json: eos_token_id must be a token id or a list"),
+    ("generation_config.json", {"eos_token_id": [2, -1]}, r"generation_config.json: eos_token_id"),
+])
+def test_bad_config_files_are_clear(tmp_path, name, content, match):
+    d = tokenizer_dir_with(tmp_path / "t", LLAMA2, **{name.replace(".json", "_json"): content})
+    with pytest.raises(InputError, match=match):
+        Tokenizer.load(d)
+    (d / name).write_text("{not json")
+    with pytest.raises(InputError, match=f"{name}: not valid JSON"):
+        Tokenizer.load(d)
+
+
+def test_missing_optional_token_is_none(tmp_path, caplog):
+    d = tokenizer_dir_with(tmp_path / "t", LLAMA2, tokenizer_config_json={
+        "bos_token": "<s>", "eos_token": "</s>", "pad_token": "<pad>"})
+    tok = Tokenizer.load(d)
+    assert tok.pad_id is None and tok.eos_id == 2
+    assert "pad_token '<pad>' is not in tokenizer.json" in caplog.text

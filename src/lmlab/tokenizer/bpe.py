@@ -14,21 +14,30 @@ Chinese words and characters as tokens.
 
 The saved directory (`tokenizer.json` + `tokenizer_config.json`) also loads in
 `transformers.AutoTokenizer` and gives the same ids.
+
+`Tokenizer` also wraps the tokenizer of an imported Hugging Face model. Its
+special tokens then come from that directory's own files, not from lmlab's
+names: a LLaMA ends text with `</s>`, Llama 3 ends a chat turn with
+`<|eot_id|>`, and a model stops generating only at the ids it was trained to
+end with (tokenizer_config.json names the tokens, generation_config.json
+lists every id `transformers` stops at).
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import os
-import shutil
-import tempfile
 from pathlib import Path
-from typing import Iterable, Iterator
+from typing import Any, Iterable, Iterator
 
 from tokenizers import Regex, Tokenizer as HFTokenizer, decoders, models, pre_tokenizers, trainers
 
 from lmlab.errors import InputError
+from lmlab.fileio import write_dir_atomically
+
+logger = logging.getLogger(__name__)
 
 # id order is fixed: special tokens take ids 0..len-1 in every lmlab tokenizer
 EOS = "<|endoftext|>"
@@ -37,6 +46,22 @@ PAD = "<|pad|>"
 IM_START = "<|im_start|>"  # chat turns: <|im_start|>role\n ... <|im_end|>\n  (ChatML)
 IM_END = "<|im_end|>"
 SPECIAL_TOKENS = [EOS, BOS, PAD, IM_START, IM_END]
+_LMLAB_NAMES = {"bos": BOS, "eos": EOS, "pad": PAD}
+ROLES = ("bos", "eos", "pad", "eot")
+# Tokens that end a chat turn, by chat format; a tokenizer's end of turn is the first of
+# these it has as an added token. (Llama 2 and Mistral end a turn with EOS itself.)
+END_OF_TURN_TOKENS = (
+    IM_END,  # ChatML: lmlab, Qwen and many fine-tunes
+    "<|eot_id|>",  # Llama 3
+    "<|eot|>",  # Llama 4
+    "<end_of_turn>",  # Gemma
+    "<|end|>",  # Phi-3
+)
+
+TOKENIZER_FILE = "tokenizer.json"
+TOKENIZER_CONFIG = "tokenizer_config.json"
+SPECIAL_TOKENS_MAP = "special_tokens_map.json"
+GENERATION_CONFIG = "generation_config.json"
 
 SPLIT_PATTERN = (
     r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}"
@@ -62,24 +87,54 @@ def _new_tokenizer() -> HFTokenizer:
 
 
 class Tokenizer:
-    """A byte-level BPE tokenizer with lmlab's special tokens.
+    """A BPE tokenizer (lmlab's own, or a Hugging Face model's) and its special tokens.
 
     `encode` never adds special tokens by itself: what goes in is what comes out.
+
+    The special tokens are ids, or None where the tokenizer has no such token:
+    `bos_id`, `eos_id` (end of text), `pad_id`, `eot_id` (end of a chat turn),
+    and `stop_ids`, every id generation stops at (eos, end of turn, and the
+    eos ids of generation_config.json), without repeats, in that order.
     """
 
-    def __init__(self, hf: HFTokenizer, path: str | None = None):
+    def __init__(self, hf: HFTokenizer, path: str | None = None,
+                 special: dict[str, str | None] | None = None,
+                 extra_stop_ids: Iterable[int] = (), files: dict[str, str] | None = None):
+        """`special` maps a role ("bos", "eos", "pad", "eot") to its token (None: none); a
+        role it leaves out takes lmlab's token when the vocabulary has it, "eot" the first
+        of END_OF_TURN_TOKENS that it has. `extra_stop_ids`: more ids to stop generating at.
+        `files`: config files as `load` read them, which `save` writes back unchanged."""
         self.hf = hf
         self.path = path
-        self.eos_id = self._id(EOS)
-        self.bos_id = self._id(BOS)
-        self.pad_id = self._id(PAD)
+        special = special or {}
+        ids = {}
+        for role in ROLES:
+            token = special[role] if role in special else self._default_token(role)
+            ids[role] = None if token is None else self._id(token)
+        self.bos_id, self.eos_id, self.pad_id, self.eot_id = (ids[r] for r in ROLES)
+        self._stop_ids = list(dict.fromkeys(
+            i for i in (self.eos_id, self.eot_id, *extra_stop_ids) if i is not None))
+        self._files = dict(files or {})
+
+    def _default_token(self, role: str) -> str | None:
+        if role == "eot":
+            added = {t.content for t in self.hf.get_added_tokens_decoder().values()}
+            return next((t for t in END_OF_TURN_TOKENS if t in added), None)
+        name = _LMLAB_NAMES[role]
+        return name if self.hf.token_to_id(name) is not None else None
 
     def _id(self, token: str) -> int:
         i = self.hf.token_to_id(token)
         if i is None:
             raise InputError(f"tokenizer {self.path or ''}: special token {token!r} missing; "
-                             "train the tokenizer with `lmlab tokenizer train`")
+                             "use a tokenizer that has it (`lmlab tokenizer train` makes "
+                             "lmlab's)")
         return i
+
+    @property
+    def stop_ids(self) -> list[int]:
+        """Every id generation should stop at: eos, end of turn, generation_config's eos ids."""
+        return list(self._stop_ids)
 
     @property
     def vocab_size(self) -> int:
@@ -103,6 +158,9 @@ class Tokenizer:
         In byte-level BPE every character of a vocabulary entry stands for one byte.
         """
         special = {t.content for t in self.hf.get_added_tokens_decoder().values()}
+        # a config may name a plain vocabulary entry as a special token, too
+        special |= {self._token(i) for i in (self.bos_id, self.eos_id, self.pad_id, self.eot_id,
+                                             *self._stop_ids) if i is not None}
         lengths = [0] * self.vocab_size
         for token, i in self.hf.get_vocab(with_added_tokens=True).items():
             lengths[i] = 0 if token in special else len(token)
@@ -110,6 +168,10 @@ class Tokenizer:
 
     def apply_chat_template(self, messages: list[dict], add_generation_prompt: bool = False) -> str:
         """ChatML text for a list of {"role", "content"} messages (same as CHAT_TEMPLATE)."""
+        missing = [t for t in (IM_START, IM_END) if self.hf.token_to_id(t) is None]
+        if missing:
+            raise InputError(f"tokenizer {self.path or ''}: no {missing[0]} token, so no ChatML "
+                             "chat format; use a tokenizer trained by `lmlab tokenizer train`")
         text = "".join(f"{IM_START}{m['role']}\n{m['content']}{IM_END}\n" for m in messages)
         return text + (f"{IM_START}assistant\n" if add_generation_prompt else "")
 
@@ -118,37 +180,56 @@ class Tokenizer:
         """sha256 of the serialized tokenizer: shards record it to catch a mismatched tokenizer."""
         return hashlib.sha256(self.hf.to_str().encode("utf-8")).hexdigest()
 
-    def save(self, out_dir: str | os.PathLike) -> None:
-        """Write tokenizer.json, tokenizer_config.json and special_tokens_map.json atomically."""
-        out = Path(out_dir)
-        out.parent.mkdir(parents=True, exist_ok=True)
-        tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
-        self.hf.save(str(tmp / "tokenizer.json"))
-        special = {"bos_token": BOS, "eos_token": EOS, "pad_token": PAD, "unk_token": None}
+    def _token(self, i: int | None) -> str | None:
+        return None if i is None else self.hf.id_to_token(i)
+
+    def _lmlab_config_files(self) -> dict[str, str]:
+        """tokenizer_config.json and special_tokens_map.json, which `AutoTokenizer` reads."""
+        special = {"bos_token": self._token(self.bos_id), "eos_token": self._token(self.eos_id),
+                   "pad_token": self._token(self.pad_id), "unk_token": None}
+        chatml = all(self.hf.token_to_id(t) is not None for t in (IM_START, IM_END))
+        extra = list(dict.fromkeys(t for t in (IM_START if chatml else None,
+                                               self._token(self.eot_id)) if t))
         config = {
             "tokenizer_class": "PreTrainedTokenizerFast",
             **special,
-            "additional_special_tokens": [IM_START, IM_END],
+            "additional_special_tokens": extra,
             "add_bos_token": False,
             "add_eos_token": False,
             "clean_up_tokenization_spaces": False,
             "model_max_length": 1_000_000_000,
-            "chat_template": CHAT_TEMPLATE,
+            **({"chat_template": CHAT_TEMPLATE} if chatml else {}),
         }
-        (tmp / "tokenizer_config.json").write_text(json.dumps(config, indent=2, ensure_ascii=False))
-        (tmp / "special_tokens_map.json").write_text(json.dumps(
-            {**{k: v for k, v in special.items() if v}, "additional_special_tokens": [IM_START, IM_END]},
-            indent=2))
-        out.mkdir(exist_ok=True)
-        for f in tmp.iterdir():
-            os.replace(f, out / f.name)
-        shutil.rmtree(tmp, ignore_errors=True)
+        special_map = {**{k: v for k, v in special.items() if v},
+                       "additional_special_tokens": extra}
+        return {TOKENIZER_CONFIG: json.dumps(config, indent=2, ensure_ascii=False),
+                SPECIAL_TOKENS_MAP: json.dumps(special_map, indent=2)}
+
+    def save(self, out_dir: str | os.PathLike) -> None:
+        """Write tokenizer.json and its config files as one atomic update of `out_dir`.
+
+        The config files `load` read come back unchanged (a Hugging Face tokenizer keeps
+        its chat template and settings); a tokenizer without them gets lmlab's.
+        """
+        files = dict(self._files)
+        if TOKENIZER_CONFIG not in files:
+            files = {**self._lmlab_config_files(), **files}
+
+        def write(directory: Path) -> None:
+            self.hf.save(str(directory / TOKENIZER_FILE))
+            for name, text in files.items():
+                (directory / name).write_text(text, encoding="utf-8")
+
+        out = write_dir_atomically(out_dir, write, last=TOKENIZER_FILE)
         self.path = str(out)
 
     @classmethod
     def load(cls, path: str | os.PathLike) -> "Tokenizer":
+        """Read tokenizer.json (a directory's, or the file itself) and, beside it, the special
+        tokens that tokenizer_config.json / special_tokens_map.json name and the eos ids of
+        generation_config.json. Without config files, lmlab's token names are looked up."""
         p = Path(path)
-        f = p / "tokenizer.json" if p.is_dir() else p
+        f = p / TOKENIZER_FILE if p.is_dir() else p
         if not f.is_file():
             raise InputError(f"{path}: no tokenizer.json; train one with "
                              "`lmlab tokenizer train --input FILES --vocab-size N --out DIR`")
@@ -156,7 +237,105 @@ class Tokenizer:
             hf = HFTokenizer.from_file(str(f))
         except Exception as e:  # tokenizers raises a bare Exception on malformed JSON
             raise InputError(f"{f}: not a valid tokenizer.json ({e})") from None
-        return cls(hf, str(p))
+        directory = f.parent
+        files = {name: _read_text(directory / name)
+                 for name in (TOKENIZER_CONFIG, SPECIAL_TOKENS_MAP, GENERATION_CONFIG)
+                 if (directory / name).is_file()}
+        configs = {name: _json_object(directory / name, text) for name, text in files.items()}
+        named = _named_special_tokens(directory, configs, hf)
+        generation = _generation_ids(directory / GENERATION_CONFIG,
+                                     configs.get(GENERATION_CONFIG, {}), hf)
+        special: dict[str, str | None] = {}
+        for role in ("bos", "eos", "pad"):
+            token = named[role] if named is not None else (
+                _LMLAB_NAMES[role] if hf.token_to_id(_LMLAB_NAMES[role]) is not None else None)
+            if token is None and generation[role]:  # e.g. only generation_config names the EOS
+                token = hf.id_to_token(generation[role][0])
+            special[role] = token
+        return cls(hf, str(p), special=special, extra_stop_ids=generation["eos"], files=files)
+
+
+def _read_text(path: Path) -> str:
+    try:
+        return path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as e:
+        raise InputError(f"{path}: not UTF-8 text ({e}); fix or delete the file") from None
+
+
+def _json_object(path: Path, text: str) -> dict[str, Any]:
+    try:
+        data = json.loads(text)
+    except json.JSONDecodeError as e:
+        raise InputError(f"{path}: not valid JSON ({e}); fix or delete the file") from None
+    if not isinstance(data, dict):
+        raise InputError(f"{path}: expected a JSON object, got {type(data).__name__}; "
+                         "fix or delete the file")
+    return data
+
+
+def _named_special_tokens(directory: Path, configs: dict[str, dict[str, Any]],
+                          hf: HFTokenizer) -> dict[str, str | None] | None:
+    """bos/eos/pad as tokenizer_config.json (else special_tokens_map.json) names them;
+    None when the directory has neither file.
+
+    A named EOS that the vocabulary lacks is an error (generation could not stop);
+    a missing BOS or pad is logged and taken as none.
+    """
+    sources = [n for n in (TOKENIZER_CONFIG, SPECIAL_TOKENS_MAP) if n in configs]
+    if not sources:
+        return None
+    out: dict[str, str | None] = {}
+    for role in ("bos", "eos", "pad"):
+        token, source = None, sources[0]
+        for name in sources:  # the first file that names the token wins
+            token = _token_text(configs[name].get(f"{role}_token"), directory / name, role)
+            if token is not None:
+                source = name
+                break
+        if token is not None and hf.token_to_id(token) is None:
+            where = f"{directory / source}: {role}_token {token!r} is not in tokenizer.json"
+            if role == "eos":
+                raise InputError(f"{where}; name a token of the vocabulary or re-save the "
+                                 "tokenizer with transformers' save_pretrained")
+            logger.warning("%s; taking the tokenizer to have no %s token", where, role)
+            token = None
+        out[role] = token
+    return out
+
+
+def _token_text(value: Any, path: Path, role: str) -> str | None:
+    """A token as the config files write it: a string, {"content": ...} or null."""
+    if isinstance(value, dict):
+        value = value.get("content")
+    if value is None or isinstance(value, str):
+        return value or None
+    raise InputError(f"{path}: {role}_token must be a token string or null, got {value!r}; "
+                     "fix the file")
+
+
+def _generation_ids(path: Path, config: dict[str, Any], hf: HFTokenizer) -> dict[str, list[int]]:
+    """bos/eos/pad ids of generation_config.json; each key may hold one id or a list.
+
+    Ids the tokenizer does not have (a config's default left from another
+    vocabulary, like GPT-2's 50256 on a small one) are logged and dropped.
+    """
+    out = {}
+    for role in ("bos", "eos", "pad"):
+        value = config.get(f"{role}_token_id")
+        ids = [] if value is None else [value] if _is_id(value) else value
+        if not (isinstance(ids, list) and all(_is_id(i) for i in ids)):
+            raise InputError(f"{path}: {role}_token_id must be a token id or a list of ids, "
+                             f"got {value!r}; fix the file")
+        known = [i for i in ids if hf.id_to_token(i) is not None]
+        if len(known) < len(ids):
+            logger.warning("%s: %s_token_id %s not in the tokenizer's vocabulary; ignored", path,
+                           role, sorted(set(ids) - set(known)))
+        out[role] = known
+    return out
+
+
+def _is_id(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value >= 0
 
 
 def train_tokenizer(texts: Iterable[str], vocab_size: int, min_frequency: int = 2,
