@@ -193,11 +193,55 @@ def test_tokenizer_files_travel_both_ways(tmp_path):
     assert exported.decode(exported.encode(text)) == text
     hf_config = json.loads((tmp_path / "hf" / "config.json").read_text())
     assert hf_config["eos_token_id"] == fast.eos_token_id
+    generation = json.loads((tmp_path / "hf" / "generation_config.json").read_text())
+    assert generation["eos_token_id"] == fast.eos_token_id
 
     import_hf(tmp_path / "hf", tmp_path / "back")
     assert (tmp_path / "back" / "tokenizer.json").is_file()
     reimported = transformers.AutoTokenizer.from_pretrained(tmp_path / "back")
     assert reimported.encode(text) == exported.encode(text)
+
+
+def test_export_writes_stop_ids_to_generation_config(tmp_path, tokenizer_dir, tokenizer):
+    """transformers' generate must stop where lmlab's does: at <|endoftext|> and <|im_end|>."""
+    save_model_dir(lmlab_model("tiny", vocab_size=tokenizer.vocab_size), tmp_path / "m",
+                   tokenizer_dir=tokenizer_dir)
+    export_hf(tmp_path / "m", tmp_path / "hf")
+    hf_config = json.loads((tmp_path / "hf" / "config.json").read_text())
+    assert (hf_config["bos_token_id"], hf_config["eos_token_id"], hf_config["pad_token_id"]) == (
+        tokenizer.bos_id, tokenizer.eos_id, tokenizer.pad_id)
+    hf_model = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "hf")
+    assert hf_model.generation_config.eos_token_id == tokenizer.stop_ids == [0, 4]
+    assert hf_model.generation_config.pad_token_id == tokenizer.pad_id
+
+
+def test_generation_config_survives_import_and_export(tmp_path):
+    hf_model = make_hf_model(HF_CASES["llama-gqa-tied"]())
+    hf_model.save_pretrained(tmp_path / "hf")
+    (tmp_path / "hf" / "generation_config.json").write_text(json.dumps(
+        {"eos_token_id": [2, 7], "temperature": 0.6, "do_sample": True}))
+    import_hf(tmp_path / "hf", tmp_path / "m")
+    assert json.loads((tmp_path / "m" / "generation_config.json").read_text())["eos_token_id"] == [
+        2, 7]
+    export_hf(tmp_path / "m", tmp_path / "back")  # no tokenizer: the file travels as it is
+    back = json.loads((tmp_path / "back" / "generation_config.json").read_text())
+    assert back == {"eos_token_id": [2, 7], "temperature": 0.6, "do_sample": True}
+    # a checkpoint older than generation_config.json names its stop token in config.json
+    (tmp_path / "hf" / "generation_config.json").unlink()
+    import_hf(tmp_path / "hf", tmp_path / "m2")
+    derived = json.loads((tmp_path / "m2" / "generation_config.json").read_text())
+    assert derived["eos_token_id"] == hf_model.config.eos_token_id
+
+
+def test_import_refuses_a_tokenizer_without_its_eos(tmp_path):
+    hf_model = make_hf_model(HF_CASES["llama-gqa-tied"]())
+    hf_model.save_pretrained(tmp_path / "hf")
+    from tokenizers import Tokenizer, models
+    Tokenizer(models.BPE()).save(str(tmp_path / "hf" / "tokenizer.json"))
+    (tmp_path / "hf" / "tokenizer_config.json").write_text(json.dumps({"eos_token": "</s>"}))
+    with pytest.raises(InputError, match=r"tokenizer_config.json: eos_token '</s>' is not in"):
+        import_hf(tmp_path / "hf", tmp_path / "out")
+    assert not (tmp_path / "out").exists()
 
 
 def test_to_hf_state_dict_needs_no_transformers_objects():

@@ -25,6 +25,11 @@ Export writes config.json and model.safetensors directly, so it needs neither
 safetensors index, or pytorch_model.bin (through `torch.load(weights_only=True)`,
 which unpickles tensors only), and writes an lmlab model directory.
 
+Both carry generation_config.json: its `eos_token_id` (one id or a list) is
+where generation stops, and a model that ends text with `</s>` or a chat turn
+with `<|im_end|>` must stop there on both sides. Export writes the tokenizer's
+`stop_ids` into it.
+
 Mistral's `sliding_window` (and Qwen2's `use_sliding_window`) is ignored: lmlab
 attends to all past positions, which is the same computation for sequences no
 longer than the window and differs only beyond it.
@@ -38,13 +43,14 @@ import os
 import re
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from safetensors.torch import load_file, save_file
 
 from lmlab.errors import ConfigError, InputError
-from lmlab.model import ModelConfig, Transformer
+from lmlab.fileio import write_dir_atomically
+from lmlab.model import ModelConfig, build_model
 from lmlab.model_io import (
     CONFIG_FILE,
     WEIGHTS_FILE,
@@ -54,8 +60,11 @@ from lmlab.model_io import (
     load_model_dir,
     load_state_dict_strict,
     save_model_dir,
-    write_dir_atomically,
 )
+from lmlab.tokenizer.bpe import GENERATION_CONFIG, TOKENIZER_FILE, Tokenizer
+
+if TYPE_CHECKING:
+    from lmlab.model import Transformer
 
 logger = logging.getLogger(__name__)
 
@@ -405,7 +414,7 @@ def from_hf(hf_config: dict[str, Any], state_dict: dict[str, torch.Tensor]) -> T
             f"{'...' if len(missing) > 5 else ''}, unexpected {unexpected[:5]}"
             f"{'...' if len(unexpected) > 5 else ''}"
         )
-    model = Transformer(cfg)
+    model = build_model("transformer", cfg.to_dict())
     load_state_dict_strict(model, ours, f"{hf_config['model_type']} checkpoint")
     cast_parameters(model, ours["tok_emb.weight"].dtype)
     return model.eval()
@@ -468,31 +477,55 @@ def import_hf(hf_dir: str | os.PathLike, out_dir: str | os.PathLike) -> Path:
         logger.info("%s: sliding_window=%d is ignored; the model is the same for sequences up to "
                     "%d tokens and attends further back beyond them", root, window, window)
     tokenizer_dir = root if has_tokenizer_files(root) else None
-    if tokenizer_dir is not None and not (root / "tokenizer.json").is_file():
+    if (root / TOKENIZER_FILE).is_file():
+        tokenizer = Tokenizer.load(root)  # its special tokens must resolve: refuse now, not later
+        if tokenizer.vocab_size > model.cfg.vocab_size:
+            logger.warning("%s: the tokenizer has %d ids but the model only %d; ids beyond them "
+                           "fail to encode into the model", root, tokenizer.vocab_size,
+                           model.cfg.vocab_size)
+    elif tokenizer_dir is not None:
         logger.warning("%s has no tokenizer.json (only a slow tokenizer's files); lmlab needs "
                        "tokenizer.json: save the tokenizer with transformers to get one", root)
+    generation = _generation_config_text(root, hf_config)
     logger.info("imported %s (%s, %d parameters) into %s", root, hf_config["model_type"],
                 model.num_params(), out_dir)
-    return save_model_dir(model, out_dir, tokenizer_dir=tokenizer_dir)
+
+    def write_files(directory: Path) -> None:
+        save_model_dir(model, directory, tokenizer_dir=tokenizer_dir)
+        if generation is not None:  # lmlab.tokenizer reads the stop ids from it
+            (directory / GENERATION_CONFIG).write_text(generation, encoding="utf-8")
+
+    # save_model_dir fills the staging directory; it then appears at out_dir whole
+    return write_dir_atomically(out_dir, write_files, last=CONFIG_FILE)
 
 
-def _special_token_ids(model_dir: Path) -> dict[str, int]:
-    """bos/eos/pad ids from the tokenizer files, so `generate` in transformers stops at EOS."""
-    tok_config_path, tok_path = model_dir / "tokenizer_config.json", model_dir / "tokenizer.json"
-    if not (tok_config_path.is_file() and tok_path.is_file()):
-        return {}
-    tok_config, tok = _read_json(tok_config_path), _read_json(tok_path)
-    vocab = tok.get("model", {}).get("vocab")
-    ids = dict(vocab) if isinstance(vocab, dict) else {}
-    ids.update({t["content"]: t["id"] for t in tok.get("added_tokens", [])})
-    out = {}
-    for role in ("bos", "eos", "pad"):
-        token = tok_config.get(f"{role}_token")
-        if isinstance(token, dict):
-            token = token.get("content")
-        if isinstance(token, str) and token in ids:
-            out[f"{role}_token_id"] = ids[token]
-    return out
+def _generation_config_text(root: Path, hf_config: dict[str, Any]) -> str | None:
+    """generation_config.json for the imported model: the Hugging Face directory's own, else
+    the special token ids of its config.json, from which `transformers` would derive one."""
+    path = root / GENERATION_CONFIG
+    if path.is_file():
+        _read_json(path)  # refuse a malformed file before writing anything
+        return path.read_text(encoding="utf-8")
+    ids = {k: hf_config[k] for k in ("bos_token_id", "eos_token_id", "pad_token_id")
+           if hf_config.get(k) is not None}
+    return json.dumps(ids, indent=2) if ids else None
+
+
+def _generation_config(root: Path, tokenizer: Tokenizer | None) -> dict[str, Any] | None:
+    """generation_config.json for an export, with the tokenizer's stop ids as `eos_token_id`
+    so that `transformers`' generate stops where lmlab's does; other settings (sampling
+    defaults an imported model came with) are kept."""
+    path = root / GENERATION_CONFIG
+    config = _read_json(path) if path.is_file() else {}
+    if not isinstance(config, dict):
+        raise InputError(f"{path}: expected a JSON object; fix or delete the file")
+    if tokenizer is None:
+        return config or None
+    stops = tokenizer.stop_ids
+    config.update({"bos_token_id": tokenizer.bos_id,
+                   "eos_token_id": stops[0] if len(stops) == 1 else (stops or None),
+                   "pad_token_id": tokenizer.pad_id})
+    return config
 
 
 def export_hf(model_dir: str | os.PathLike, out_dir: str | os.PathLike) -> Path:
@@ -503,17 +536,24 @@ def export_hf(model_dir: str | os.PathLike, out_dir: str | os.PathLike) -> Path:
         hf_config, state = to_hf_state_dict(model)
     except InputError as e:
         raise InputError(f"{root}: {e}") from e
+    tokenizer = Tokenizer.load(root) if (root / TOKENIZER_FILE).is_file() else None
     # explicit None: transformers' defaults (GPT-2's 50256, LLaMA's 1 and 2) name tokens of
     # another vocabulary
     hf_config.update({"bos_token_id": None, "eos_token_id": None, "pad_token_id": None})
-    hf_config.update(_special_token_ids(root))
+    if tokenizer is not None:
+        hf_config.update({"bos_token_id": tokenizer.bos_id, "eos_token_id": tokenizer.eos_id,
+                          "pad_token_id": tokenizer.pad_id})
+    generation = _generation_config(root, tokenizer)
     if not has_tokenizer_files(root):
         logger.info("%s has no tokenizer files; exporting the weights alone", root)
 
     def write_files(directory: Path) -> None:
         save_file(state, str(directory / WEIGHTS_FILE), metadata={"format": "pt"})
         copy_tokenizer_files(root, directory)
+        if generation is not None:
+            (directory / GENERATION_CONFIG).write_text(json.dumps(generation, indent=2),
+                                                       encoding="utf-8")
         with open(directory / CONFIG_FILE, "w", encoding="utf-8") as f:
             json.dump(hf_config, f, indent=2)
 
-    return write_dir_atomically(out_dir, write_files)
+    return write_dir_atomically(out_dir, write_files, last=CONFIG_FILE)
