@@ -380,9 +380,9 @@ def build_parser() -> ArgumentParser:
     dp = ArgumentParser(
         description="Clean a raw corpus with a recipe: normalise, language-id, quality filters, "
                     "PII masking, exact + MinHash dedup, decontamination, token shards.\n\n"
-                    "example: lmlab data process --recipe configs/data/web-zh.yaml "
+                    "example: lmlab data process --recipe web-zh "
                     "--input crawl/ --out data/web-zh --workers 2")
-    dp.add_argument("--recipe", type=str, required=True, help="YAML recipe (configs/data/*.yaml)")
+    dp.add_argument("--recipe", type=str, required=True, help="a shipped recipe's name (web-en, web-zh, code) or a YAML recipe file")
     dp.add_argument("--input", type=str, required=True, nargs="+")
     dp.add_argument("--out", type=str, required=True)
     dp.add_argument("--workers", type=int, default=1)

@@ -32,10 +32,22 @@ from lmlab.errors import InputError
 TMP_MARK = ".tmp-"
 
 
-def _tmp_name(path: Path) -> Path:
-    fd, name = tempfile.mkstemp(prefix=f".{path.name}{TMP_MARK}", dir=path.parent)
-    os.close(fd)
-    return Path(name)
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+def _open_tmp(path: Path) -> tuple[int, Path]:
+    """A new temporary file beside `path`, with the permissions the umask gives a new file
+    (mkstemp's 0600 would make shared outputs unreadable to others)."""
+    for _ in range(100):
+        tmp = path.with_name(f".{path.name}{TMP_MARK}{os.urandom(4).hex()}")
+        try:
+            return os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666), tmp
+        except FileExistsError:
+            continue
+    raise FileExistsError(f"{path}: could not create a temporary file beside it")
 
 
 @contextlib.contextmanager
@@ -46,9 +58,9 @@ def atomic_file(path: str | os.PathLike, mkdir: bool = True) -> Iterator[BinaryI
         path.parent.mkdir(parents=True, exist_ok=True)
     if path.is_dir():
         raise InputError(f"{path}: is a directory; choose a file path")
-    tmp = _tmp_name(path)
+    fd, tmp = _open_tmp(path)
     try:
-        with open(tmp, "wb") as f:
+        with open(fd, "wb") as f:
             yield f
             f.flush()
             os.fsync(f.fileno())
@@ -84,6 +96,7 @@ def write_dir_atomically(out_dir: str | os.PathLike, write_files: Callable[[Path
     stage_parent = out.parent if fresh else out
     stage_parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}{TMP_MARK}", dir=stage_parent))
+    os.chmod(tmp, 0o777 & ~_umask())  # a new directory as mkdir would make it, not mkdtemp's 0700
     try:
         write_files(tmp)
         if fresh:

@@ -24,7 +24,8 @@ import numpy as np
 import torch
 
 from lmlab.config import ModelSpec, PretrainConfig, TrainConfig
-from lmlab.data.shards import TokenShards, atomic_write_text, read_meta
+from lmlab.data.shards import TokenShards, read_meta
+from lmlab.fileio import atomic_write_text
 from lmlab.eval import baselines
 from lmlab.tokenizer import Tokenizer
 from lmlab.train.distributed import pick_device

@@ -69,13 +69,6 @@ def test_minhash_pair_files_are_whole_or_absent(tmp_path, renames_fail):
     assert listing(tmp_path / "pairs") == []
 
 
-def test_one_helper():
-    # other modules still import atomic_write_text from lmlab.data.shards: the one from fileio
-    assert shards.atomic_write_text is lmlab.fileio.atomic_write_text
-
-
-@pytest.mark.xfail(strict=True, reason="lmlab.fileio.atomic_file creates its temporary file with "
-                   "mkstemp (mode 0600, kept by the rename); fix there, then drop this mark")
 def test_shards_have_the_permissions_the_umask_asks_for(tmp_path):
     # a shared data directory must be readable by whoever the umask lets read it, as
     # before the writers moved onto lmlab.fileio

@@ -33,10 +33,6 @@ import numpy as np
 from lmlab.errors import InputError
 from lmlab.fileio import atomic_file, atomic_write_text
 
-# Re-exported for callers that still import it from here (lmlab.quickstart,
-# lmlab.train.pretrain); import it from lmlab.fileio. Goes once they have moved.
-__all__ = ["atomic_write_text"]
-
 log = logging.getLogger(__name__)
 
 FORMAT = "lmlab.token-shards.v1"
@@ -165,6 +161,10 @@ class TokenShardWriter:
     def __init__(self, out_dir: str | os.PathLike, vocab_size: int, eos_id: int,
                  tokenizer_hash: str | None = None, shard_tokens: int = DEFAULT_SHARD_TOKENS,
                  extra_meta: dict | None = None):
+        if eos_id is None:  # an imported tokenizer may name none
+            raise InputError("the tokenizer has no EOS token, which separates documents in token "
+                             "shards; use a tokenizer whose tokenizer_config.json names an "
+                             "eos_token")
         self.out_dir = Path(out_dir)
         self.out_dir.mkdir(parents=True, exist_ok=True)
         self.vocab_size, self.eos_id = vocab_size, eos_id
