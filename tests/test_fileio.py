@@ -54,3 +54,23 @@ def test_into_an_existing_directory_others_survive_and_last_comes_last(tmp_path)
     assert order == ["model.safetensors", "config.json"]
     assert (out / "metrics.jsonl").read_text() == "{}\n" and (out / "checkpoints").is_dir()
     assert not [p for p in out.iterdir() if TMP_MARK in p.name]
+
+
+def test_replace_swaps_a_directory_whole_and_keeps_the_old_one_on_failure(tmp_path):
+    out = tmp_path / "shards"
+    out.mkdir()
+    (out / "train_00001.bin").write_bytes(b"old extra shard")
+    (out / "meta.json").write_text("old")
+
+    def fail(d):
+        (d / "meta.json").write_text("new")
+        raise RuntimeError("killed")
+
+    with pytest.raises(RuntimeError):
+        write_dir_atomically(out, fail, last=None, replace=True)
+    assert (out / "meta.json").read_text() == "old" and (out / "train_00001.bin").exists()
+    write_dir_atomically(out, lambda d: (d / "meta.json").write_text("new"), last=None,
+                         replace=True)
+    assert [p.name for p in out.iterdir()] == ["meta.json"]
+    assert (out / "meta.json").read_text() == "new"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["shards"]  # no litter

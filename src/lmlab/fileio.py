@@ -12,7 +12,7 @@ these three:
 - `write_dir_atomically(out_dir, write_files)`: a directory written whole. A new
   directory appears in one rename; an existing one (a training run, which also
   holds checkpoints and metrics that must survive) gets each file renamed into
-  place, `last` after the others.
+  place, `last` after the others; with `replace=True` it is replaced whole.
 
 Temporary names all start with "." and contain ".tmp-", so a later run can tell
 litter from output (`TMP_MARK`).
@@ -81,25 +81,33 @@ def atomic_write_text(path: str | os.PathLike, text: str) -> None:
 
 
 def write_dir_atomically(out_dir: str | os.PathLike, write_files: Callable[[Path], None],
-                         last: str | None = "config.json") -> Path:
+                         last: str | None = "config.json", replace: bool = False) -> Path:
     """Run `write_files(tmp_dir)` and move what it wrote to `out_dir` by renames.
 
     A new `out_dir` appears in one rename. An existing one keeps what it holds
-    beyond the files written; each written file is renamed into place, `last`
-    after the others (e.g. the config after the weights, so a config never
-    describes weights that are not there yet).
+    beyond the files written (a run's checkpoints and metrics); each written
+    file is renamed into place, `last` after the others (the config after the
+    weights, so a config never describes weights that are not there yet).
+    With `replace`, an existing `out_dir` is instead replaced whole, by two
+    renames (a token-shard directory must not keep an old run's extra shards):
+    the old output stays whole until the new one is complete.
     """
     out = Path(out_dir)
     if out.exists() and not out.is_dir():
         raise InputError(f"{out}: exists and is not a directory; choose another output path")
-    fresh = not out.exists()
-    stage_parent = out.parent if fresh else out
+    whole = replace or not out.exists()
+    stage_parent = out.parent if whole else out
     stage_parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}{TMP_MARK}", dir=stage_parent))
     os.chmod(tmp, 0o777 & ~_umask())  # a new directory as mkdir would make it, not mkdtemp's 0700
     try:
         write_files(tmp)
-        if fresh:
+        if whole and out.exists():
+            old = Path(tempfile.mkdtemp(prefix=f".{out.name}{TMP_MARK}old-", dir=out.parent))
+            os.replace(out, old)  # onto the empty placeholder
+            os.replace(tmp, out)
+            shutil.rmtree(old, ignore_errors=True)
+        elif whole:
             os.replace(tmp, out)
         else:
             for name in sorted((p.name for p in tmp.iterdir()), key=lambda n: n == last):

@@ -39,8 +39,6 @@ from __future__ import annotations
 import logging
 import os
 import re
-import secrets
-import shutil
 import time
 from collections import deque
 from collections.abc import Callable, Iterable, Iterator
@@ -61,7 +59,7 @@ from lmlab.data.shards import (
 )
 from lmlab.data.sources import Document, ReadStats, iter_documents
 from lmlab.errors import ConfigError, InputError
-from lmlab.fileio import TMP_MARK
+from lmlab.fileio import write_dir_atomically
 from lmlab.tokenizer import Tokenizer
 
 log = logging.getLogger(__name__)
@@ -192,34 +190,6 @@ def _check_out_dir(out: Path) -> None:
                          f"({', '.join(strangers[:3])}) — choose a new or empty --out directory")
 
 
-def _stage_dir(out: Path) -> Path:
-    """An empty directory beside `out`, named as `lmlab.fileio` names its temporaries."""
-    # beside out_dir, so the final rename stays on one filesystem; mkdir (unlike mkdtemp's 0700)
-    # gives the directory the permissions the user's umask asks for
-    tmp = out.parent / f".{out.name}{TMP_MARK}{os.getpid()}-{secrets.token_hex(4)}"
-    tmp.mkdir()
-    return tmp
-
-
-def _move_into_place(tmp: Path, out: Path) -> None:
-    """Replace `out` by the complete directory `tmp`, whole.
-
-    Not `lmlab.fileio.write_dir_atomically`: into an existing directory that
-    renames file by file (right for a run directory, whose checkpoints must
-    stay), which would leave an old shard directory's extra files behind and,
-    for a moment, the old meta.json beside new shards. A shard directory is
-    replaced whole, by two renames: the old output stays whole until the new
-    one is complete.
-    """
-    if out.exists():
-        old = out.with_name(f".{out.name}{TMP_MARK}old-{os.getpid()}")
-        os.replace(out, old)
-        os.replace(tmp, out)
-        shutil.rmtree(old, ignore_errors=True)
-    else:
-        os.replace(tmp, out)
-
-
 # ------------------------------------------------------------------ prepare
 
 def prepare(inputs: list[str], tokenizer_dir: str | os.PathLike, out_dir: str | os.PathLike,
@@ -242,10 +212,11 @@ def prepare(inputs: list[str], tokenizer_dir: str | os.PathLike, out_dir: str | 
 
     stats = ReadStats()
     counts = {"duplicates": 0}
-    tmp = _stage_dir(out)
-    try:
-        extra = {"sources": [str(p) for p in inputs], "val_fraction": val_fraction, "seed": seed,
-                 "text_field": text_field}
+    extra = {"sources": [str(p) for p in inputs], "val_fraction": val_fraction, "seed": seed,
+             "text_field": text_field}
+    written: dict = {}
+
+    def write_shards(tmp: Path) -> None:
         with TokenShardWriter(tmp, tok.vocab_size, tok.eos_id, tokenizer_hash=tok.hash,
                               extra_meta=extra) as writer:
             splitter = TrainValSplitter(writer, val_fraction)
@@ -258,11 +229,12 @@ def prepare(inputs: list[str], tokenizer_dir: str | os.PathLike, out_dir: str | 
                 if progress is not None:
                     progress(batch.docs_read, batch.bytes_read)
             splitter.finish()
-            meta = writer.close({"duplicates_dropped": counts["duplicates"]})
-        _move_into_place(tmp, out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
+            written["meta"] = writer.close({"duplicates_dropped": counts["duplicates"]})
+
+    # a shard directory is replaced whole: the old output stays whole until the new one is
+    # complete, and no old shard survives beside new ones
+    write_dir_atomically(out, write_shards, last=None, replace=True)
+    meta = written["meta"]
     if progress is not None:
         progress(stats.documents, stats.bytes)
     splits = meta["splits"]
