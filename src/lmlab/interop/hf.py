@@ -57,6 +57,7 @@ from lmlab.model_io import (
     cast_parameters,
     copy_tokenizer_files,
     has_tokenizer_files,
+    is_model_config,
     load_model_dir,
     load_state_dict_strict,
     save_model_dir,
@@ -464,7 +465,7 @@ def import_hf(hf_dir: str | os.PathLike, out_dir: str | os.PathLike) -> Path:
     if not (root / CONFIG_FILE).is_file():
         raise InputError(f"{root}: no {CONFIG_FILE}; expected a Hugging Face model directory")
     hf_config = _read_json(root / CONFIG_FILE)
-    if "lmlab_model" in hf_config:
+    if is_model_config(hf_config):
         raise InputError(f"{root}: already an lmlab model directory; use it as it is")
     try:
         config_from_hf(hf_config)  # refuse an unsupported model before reading its weights
