@@ -3,7 +3,9 @@
 Both sides run the SAME weights (an lmlab model with random weights, converted
 with `lmlab.interop.hf.to_hf_state_dict`), the same prompts and the same number
 of new tokens, interleaved in one process so that a change in machine load
-hits both alike; the table reports the median over repeats. Tokens/s counts
+hits both alike; the table reports the median over repeats. Below it, the
+fast paths lmlab picked by measurement on this machine (`lmlab.model.fastpath`:
+the blocked matrix-vector product of `model.Linear` or `F.linear`, per shape). Tokens/s counts
 new tokens per second of a whole generate call (prefill included) for the
 whole batch. The greedy tokens of the two sides are compared too: a speed-up
 that changed the output would not count. HF runs with each of its CPU
@@ -29,7 +31,7 @@ import torch
 
 from lmlab.infer import generate_ids
 from lmlab.interop.hf import to_hf_state_dict
-from lmlab.model import Transformer, preset
+from lmlab.model import Transformer, fastpath, preset
 
 
 def build_models(preset_name: str, vocab_size: int, dtype: torch.dtype, seed: int,
@@ -76,14 +78,20 @@ def time_hf(hf, prompts: torch.Tensor, n_new: int) -> tuple[float, list[list[int
 
 
 def cpu_name() -> str:
+    """The CPU's model name (as lscpu prints it) and the vector units that decide its fast paths."""
+    name, flags = "", set()
     try:
         with open("/proc/cpuinfo") as f:
             for line in f:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
+                if line.startswith("model name") and not name:
+                    name = line.split(":", 1)[1].strip()
+                elif line.startswith("flags") and not flags:
+                    flags = set(line.split(":", 1)[1].split())
     except OSError:
         pass
-    return platform.processor() or platform.machine()
+    units = [u for u in ("avx2", "avx512f", "avx512_bf16", "amx_bf16") if u in flags]
+    return ((name or platform.processor() or platform.machine())
+            + (f" ({', '.join(units)})" if units else ""))
 
 
 def first_difference(a: list[list[int]], b: list[list[int]]) -> str:
@@ -145,6 +153,8 @@ def main(argv=None) -> None:
     for batch, ours, sdpa, eager, same in rows:
         print(f"{batch:>5}  {ours:>11.1f}  {sdpa:>9.1f}  {eager:>9.1f}  "
               f"{ours / max(sdpa, eager):>14.2f}x  {same}")
+    print(f"\nfast paths lmlab picked on this machine ({cpu_name()}; lmlab.model.fastpath):")
+    print(fastpath.report())
 
 
 if __name__ == "__main__":

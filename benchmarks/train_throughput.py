@@ -12,6 +12,11 @@ interleaved round by round so that drift in machine load hits all of them
 alike; each figure is the median over rounds.
 
     python benchmarks/train_throughput.py [--rounds 3] [--steps 5] [--no-compile]
+                                          [--precisions fp32,bf16]
+
+After the table it prints the CPU and the fast paths lmlab picked on it
+(`lmlab.model.fastpath`: blocked or SDPA attention, chunked or plain loss,
+measured on the first step; under torch.compile attention keeps its fixed rule).
 
 MFU = tokens/s × training FLOPs per token ÷ the measured matmul peak of the
 same dtype on this machine (so fp32 and bf16 are each judged against their own
@@ -36,7 +41,9 @@ import torch
 
 from lmlab.config import TrainConfig
 from lmlab.data.shards import TokenShards, TokenShardWriter
-from lmlab.model import ModelConfig, Transformer
+from decode_throughput import cpu_name  # a sibling script: benchmarks/ is sys.path[0]
+
+from lmlab.model import ModelConfig, Transformer, fastpath
 from lmlab.train.distributed import Dist
 from lmlab.train.metrics import measured_peak_flops
 from lmlab.train.pretrain import LanguageModelingTask
@@ -59,8 +66,7 @@ class LmlabVariant:
         torch.manual_seed(0)
         model = Transformer(ModelConfig(**CFG))
         task = LanguageModelingTask(TokenShards(shards, "train"), None, SEQ, BATCH,
-                                    [1] * CFG["vocab_size"], seed=0, eval_tokens=None,
-                                    device=torch.device("cpu"))
+                                    [1] * CFG["vocab_size"], seed=0, eval_tokens=None)
         cfg = TrainConfig(batch_size=BATCH, precision=precision, compile=compile, lr=1e-4)
         self.trainer = Trainer(model, task, cfg, run_dir, Dist(), flops_per_token=0.0)
         self.trainer.metrics.enabled = False
@@ -108,21 +114,25 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=5, help="timed steps per variant per round")
     ap.add_argument("--no-compile", action="store_true")
     ap.add_argument("--threads", type=int, default=None)
+    ap.add_argument("--precisions", default="fp32,bf16",
+                    help="comma-separated (default: fp32,bf16; bf16 is slow where it is emulated)")
     args = ap.parse_args()
+    precisions = args.precisions.split(",")
     if args.threads:
         torch.set_num_threads(args.threads)
 
     flops_per_token = ModelConfig(**CFG).flops_per_token(SEQ)
-    peaks = {"fp32": measured_peak_flops("cpu", torch.float32, seconds=1.0),
-             "bf16": measured_peak_flops("cpu", torch.bfloat16, seconds=1.0)}
-    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads; measured matmul peak: "
-          f"fp32 {peaks['fp32'] / 1e9:.0f} GFLOP/s, bf16 {peaks['bf16'] / 1e9:.0f} GFLOP/s; "
-          f"{flops_per_token / 1e6:.1f} MFLOP per token")
+    dtypes = {"fp32": torch.float32, "bf16": torch.bfloat16}
+    peaks = {p: measured_peak_flops("cpu", dtypes[p], seconds=1.0) for p in precisions}
+    print(f"{cpu_name()}; torch {torch.__version__}, {torch.get_num_threads()} threads; "
+          f"measured matmul peak: "
+          + ", ".join(f"{p} {peak / 1e9:.0f} GFLOP/s" for p, peak in peaks.items())
+          + f"; {flops_per_token / 1e6:.1f} MFLOP per token")
 
     tmp = Path(tempfile.mkdtemp(prefix="lmlab-bench-"))
     shards = random_shards(tmp / "shards")
     variants = {}
-    for precision in ("fp32", "bf16"):
+    for precision in precisions:
         for comp in ((False,) if args.no_compile else (False, True)):
             tag = f"{precision}{' + compile' if comp else ''}"
             variants[("lmlab", tag)] = LmlabVariant(shards, tmp / f"run-{precision}-{comp}",
@@ -162,6 +172,10 @@ def main() -> None:
         v, a, t = max((*pick(t), t) for t in tags)
         print(f"fastest lmlab ({best_ours[1]}) {best_ours[0]:,.0f} tok/s vs fastest {label} "
               f"({t}, {a}) {v:,.0f} tok/s: {best_ours[0] / v:.2f}×")
+    print(f"\nfast paths lmlab picked on this machine ({cpu_name()}; lmlab.model.fastpath):")
+    print(fastpath.report())
+    if not args.no_compile:
+        print("  (under torch.compile attention is not measured: the blocked path, by rule)")
 
 
 if __name__ == "__main__":

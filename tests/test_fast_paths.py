@@ -10,16 +10,33 @@
 - `Linear`'s blocked matrix-vector product vs `F.linear`;
 - a training step of the whole model through these paths vs the same model
   computing logits and calling `F.cross_entropy`, with SDPA attention.
+
+Which path runs is chosen by measurement (`lmlab.model.fastpath`), so every
+test here runs twice, with LMLAB_FASTPATH forcing the fast paths and then the
+plain ops: both must give the plain reference's outputs and gradients.
 """
 
 import pytest
 import torch
 import torch.nn.functional as F
 
-from lmlab.model import ModelConfig, Transformer
+from lmlab.model import ModelConfig, Transformer, fastpath
 from lmlab.model import loss as loss_mod
 from lmlab.model.loss import linear_cross_entropy
 from lmlab.model.transformer import Linear, causal_attention_blocked
+
+
+@pytest.fixture(autouse=True, params=["fast", "plain"])
+def forced(request, monkeypatch):
+    """LMLAB_FASTPATH forcing every choice one way: "fast", then "plain"."""
+    monkeypatch.setenv(fastpath.ENV, request.param)
+    fastpath.clear()
+    yield request.param
+    fastpath.clear()
+
+
+def chosen(name):
+    return {d.choice for d in fastpath.decisions() if d.name == name}
 
 
 def plain_ce(h, w, y):
@@ -34,7 +51,7 @@ def chunk_kernel(request):
 
 
 @pytest.mark.parametrize("chunk", [7, 64, None])
-def test_linear_cross_entropy_equals_plain(chunk, chunk_kernel):
+def test_linear_cross_entropy_equals_plain(chunk, chunk_kernel, forced):
     g = torch.Generator().manual_seed(0)
     h = torch.randn(3, 50, 24, generator=g, dtype=torch.float64, requires_grad=True)
     w = torch.randn(101, 24, generator=g, dtype=torch.float64, requires_grad=True)
@@ -54,9 +71,13 @@ def test_linear_cross_entropy_equals_plain(chunk, chunk_kernel):
     nats = linear_cross_entropy(h, w, y, reduction="none", chunk_rows=chunk)
     plain = F.cross_entropy((h @ w.t()).transpose(1, 2), y, reduction="none")
     torch.testing.assert_close(nats, plain)
+    # an explicit chunk_rows always chunks; without one the forced choice is taken
+    assert chosen("linear_cross_entropy") == (
+        set() if chunk else {"chunked" if forced == "fast" else "plain"})
 
 
-def test_linear_cross_entropy_under_bf16_autocast_matches_plain(chunk_kernel):
+@pytest.mark.parametrize("chunk", [64, None])
+def test_linear_cross_entropy_under_bf16_autocast_matches_plain(chunk, chunk_kernel):
     g = torch.Generator().manual_seed(1)
     h = torch.randn(300, 32, generator=g, requires_grad=True)
     w = (torch.randn(500, 32, generator=g) * 0.1).requires_grad_()
@@ -65,7 +86,7 @@ def test_linear_cross_entropy_under_bf16_autocast_matches_plain(chunk_kernel):
         ref = F.cross_entropy(F.linear(h, w).float(), y)
     gh, gw = torch.autograd.grad(ref, (h, w))
     with torch.autocast("cpu", dtype=torch.bfloat16):
-        got = linear_cross_entropy(h, w, y, chunk_rows=64)
+        got = linear_cross_entropy(h, w, y, chunk_rows=chunk)
     fh, fw = torch.autograd.grad(got, (h, w))
     assert fh.dtype == h.dtype and fw.dtype == w.dtype  # gradients reach the fp32 leaves
     torch.testing.assert_close(got, ref, atol=1e-5, rtol=1e-5)
@@ -92,19 +113,25 @@ def test_blocked_causal_attention_equals_sdpa(T, compiled):
 
 @pytest.mark.parametrize("rows", [1, 3, 8, 16, 40])
 @pytest.mark.parametrize("shape", [(96, 32), (32, 96), (30, 17), (7, 5)])
-def test_linear_fast_matvec_equals_f_linear(rows, shape):
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_linear_fast_matvec_equals_f_linear(rows, shape, dtype, forced):
     out_f, in_f = shape
-    layer = Linear(in_f, out_f)
-    x = torch.randn(rows, 1, in_f)
+    layer = Linear(in_f, out_f).to(dtype)
+    x = torch.randn(rows, 1, in_f, dtype=dtype)
+    tol = {} if dtype == torch.float32 else dict(atol=2e-2, rtol=2e-2)
     with torch.no_grad():
-        torch.testing.assert_close(layer(x), F.linear(x, layer.weight, layer.bias))
+        torch.testing.assert_close(layer(x), F.linear(x, layer.weight, layer.bias), **tol)
         layer.bias = None
-        torch.testing.assert_close(layer(x), F.linear(x, layer.weight))
+        torch.testing.assert_close(layer(x), F.linear(x, layer.weight), **tol)
+    eligible = rows <= 16 and out_f % 2 == 0  # weight rows split into 2 or 4 blocks
+    assert chosen("linear_matvec") == (
+        set() if not eligible else {"blocked" if forced == "fast" else "plain"})
 
 
 @pytest.mark.parametrize("sdpa_gqa", [True, False])  # False: torch < 2.5, K/V heads repeated
 @pytest.mark.parametrize("family", ["gpt2", "llama-gqa"])
-def test_training_step_through_fast_paths_equals_plain_model(monkeypatch, family, sdpa_gqa):
+def test_training_step_through_fast_paths_equals_plain_model(monkeypatch, family, sdpa_gqa,
+                                                             forced):
     import lmlab.model.transformer as tr
 
     monkeypatch.setattr(tr, "_SDPA_GQA", sdpa_gqa)
@@ -117,6 +144,8 @@ def test_training_step_through_fast_paths_equals_plain_model(monkeypatch, family
     y = torch.randint(0, 300, (2, 260))
     fast = model(x, targets=y)
     fast_grads = torch.autograd.grad(fast, list(model.parameters()))
+    expected = {"fast": ({"blocked"}, {"chunked"}), "plain": ({"plain"}, {"plain"})}[forced]
+    assert (chosen("attention"), chosen("linear_cross_entropy")) == expected
 
     monkeypatch.setattr(tr, "causal_attention_blocked",
                         lambda q, k, v: F.scaled_dot_product_attention(q, k, v, is_causal=True))

@@ -22,6 +22,14 @@ the same as `F.cross_entropy(h @ W.T, y)`; tests hold the two equal. (The
 idea is the one of Liger Kernel's fused linear cross-entropy and Apple's
 Cut Cross-Entropy, here in plain torch ops so it runs on every device.)
 
+Fewer passes over memory is not always less time: the plain op's large
+multiplies may run faster than many chunk-sized ones on another machine. So
+for "mean" and "sum" (without an explicit `chunk_rows`) the two are timed on
+the first call with each shape, dtype and grad mode, and the chunked loss is
+used only where it is ≥ 5 % faster, or where the plain op's logits would be
+too large to hold (`_plain_is_faster`, `lmlab.model.fastpath`;
+`LMLAB_FASTPATH=linear_cross_entropy=plain|fast` fixes the choice).
+
 reduction "row_sum" (one −log p(sequence) per row, for DPO and multiple-choice
 scores) has an upstream gradient per row, not one scalar: the forward then keeps
 ∂z = softmax(z) − onehot(y) unscaled and returns the nats of every token, and the
@@ -40,8 +48,13 @@ from __future__ import annotations
 
 import contextlib
 import contextvars
+import functools
+from typing import NamedTuple
 
 import torch
+import torch.nn.functional as F
+
+from lmlab.model import fastpath
 
 IGNORE_INDEX = -100
 
@@ -179,6 +192,69 @@ def _token_nats(h, w, y, chunk: int) -> torch.Tensor:
     return out
 
 
+# ---- plain or chunked: chosen by measurement (lmlab.model.fastpath)
+
+class _LossKey(NamedTuple):
+    rows: int
+    vocab: int
+    dim: int
+    dtype: torch.dtype
+    device: str
+    grad: bool
+    masked: bool
+    compiled_kernel: bool
+
+
+MAX_PLAIN_LOGITS = 2 ** 25  # elements (128 MiB in fp32): above this the chunked loss is kept
+
+
+def _plain_mean(h, w, y, n_valid: int) -> torch.Tensor:
+    """The plain op, `F.cross_entropy(h @ W.T, y)`, with the softmax in fp32 and the
+    chunked loss's convention for a batch with no counted position (0, not nan)."""
+    z = h @ w.t()
+    z = z.to(torch.promote_types(z.dtype, torch.float32))
+    total = F.cross_entropy(z, y, ignore_index=IGNORE_INDEX, reduction="sum")
+    return total * (1.0 / max(1, n_valid))
+
+
+def _loss_forward_backward(plain: bool, h, w, y, chunk, n_valid, masked, grad) -> None:
+    if grad:  # leaves apart from the model's graph, needing the gradients the model's do
+        h, w = (t.detach().requires_grad_(t.requires_grad) for t in (h, w))
+    loss = (_plain_mean(h, w, y, n_valid) if plain
+            else _LinearCrossEntropy.apply(h, w, y, chunk, n_valid, masked))
+    if grad:
+        torch.autograd.grad(loss, [t for t in (h, w) if t.requires_grad])
+
+
+_LOSS_PATHS = {fastpath.PLAIN: functools.partial(_loss_forward_backward, True),
+               "chunked": functools.partial(_loss_forward_backward, False)}
+
+
+def _plain_is_faster(h, w, y, chunk: int, n_valid: int, masked: bool) -> bool:
+    """Whether the mean/sum loss goes through `F.cross_entropy` rather than the chunked loss.
+
+    The chunked loss is not CPU-specific, so this holds on every device: once
+    per (rows, vocab, dim, dtype, device, grad mode, ...) both are timed on
+    this call's inputs (`fastpath.choose`; forward plus backward when a
+    gradient is wanted, forward alone otherwise, where the chunked loss's
+    gradient in the forward pass is wasted) and the chunked one is kept only
+    if it is ≥ 5 % faster. Where the plain op's logits would exceed
+    `MAX_PLAIN_LOGITS` elements the chunked loss is kept without timing: it
+    exists as much for memory (no (N, V) logits, their fp32 copy and their
+    gradient) as for speed.
+    """
+    grad = torch.is_grad_enabled() and (h.requires_grad or w.requires_grad)
+    key = _LossKey(h.shape[0], w.shape[0], h.shape[1], h.dtype, h.device.type, grad, masked,
+                   _use_compiled.get())
+    name = "linear_cross_entropy"
+    if fastpath.mode(name) == "auto" and h.shape[0] * w.shape[0] > MAX_PLAIN_LOGITS:
+        fastpath.record(name, key, "chunked",
+                        f"rule: the plain op's logits would exceed {MAX_PLAIN_LOGITS:,} elements")
+        return False
+    return fastpath.choose(name, key, _LOSS_PATHS, h, w, y, chunk, n_valid, masked, grad,
+                           sync=fastpath.synchronizer(h.device)) == fastpath.PLAIN
+
+
 @torch.compiler.disable
 def linear_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor,
                          reduction: str = "mean", chunk_rows: int | None = None) -> torch.Tensor:
@@ -208,7 +284,10 @@ def linear_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, targets: to
         if reduction == "row_sum":  # per-token nats with gradient, summed over each row
             nats = _LinearCrossEntropy.apply(h, w, y, chunk, n_valid, masked, True)
             return nats.view(targets.shape).sum(-1)
-        loss = _LinearCrossEntropy.apply(h, w, y, chunk, n_valid, masked)
+        if chunk_rows is None and _plain_is_faster(h, w, y, chunk, n_valid, masked):
+            loss = _plain_mean(h, w, y, n_valid)
+        else:
+            loss = _LinearCrossEntropy.apply(h, w, y, chunk, n_valid, masked)
     if reduction == "sum":
         return loss * n_valid
     return loss

@@ -8,7 +8,10 @@ Each block computes (pre-norm residual)
 
 and attention is softmax(Q Kᵀ / √d_k) V through
 `torch.nn.functional.scaled_dot_product_attention`, which picks a fused kernel
-(flash / memory-efficient / math) for the device.
+(flash / memory-efficient / math) for the device. Two CPU fast paths stand
+beside the plain ops, a blocked causal attention for training and a blocked
+matrix-vector product for decoding (`Linear`); each is taken only where
+`lmlab.model.fastpath` measures it faster on the machine at hand.
 
 Weights are laid out for speed, not for any one checkpoint format: Q, K and V
 come from one fused Linear, and SwiGLU's gate and up projections from another,
@@ -19,13 +22,15 @@ positions a query may attend to is part of the model's arithmetic.
 
 from __future__ import annotations
 
+import functools
 import math
+from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from lmlab.model import register_kind
+from lmlab.model import fastpath, register_kind
 from lmlab.model.config import ModelConfig, preset
 from lmlab.model.loss import compute_dtype, linear_cross_entropy
 
@@ -58,38 +63,64 @@ def _row_blocks(out_features: int) -> int:
     return 4 if out_features % 4 == 0 else 2 if out_features % 2 == 0 else 0
 
 
+_MATVEC_KEY = ("rows", "in_features", "out_features", "dtype", "bias")  # a plain tuple: cheaper
+
+
 class Linear(nn.Linear):
-    """`nn.Linear` (same parameters, names and init) with a faster CPU matrix-vector product.
+    """`nn.Linear` (same parameters, names and init), with a CPU matrix-vector product
+    that is used where it measures faster.
 
     Decoding one token multiplies a few rows by every weight matrix, and that
-    product is bound by how fast the weights stream from memory. On the
-    reference CPU (2-core AMD EPYC; torch 2.13, MKL) `F.linear` on 1-4 rows
-    streams an fp32 weight at 6-14 GB/s, while the same product written as a
-    batched multiply over 4 blocks of weight rows streams it at 20-32 GB/s,
-    close to what the memory delivers to two cores (a plain `sum` reaches 30):
+    product is bound by how fast the weights stream from memory. The same
+    product can be written as a batched multiply over k = 4 (or 2) blocks of
+    weight rows:
 
-        y = bmm(W.view(4, out/4, in), xᵀ expanded to (4, in, M)).view(out, M)ᵀ + b
+        y = bmm(W.view(k, out/k, in), xᵀ expanded to (k, in, M)).view(out, M)ᵀ + b
 
-    Same arithmetic, same result up to float rounding order (tested). It is
-    taken for fp32 on CPU without autograd when there are ≤ 4 rows, or ≤ 16 rows
-    and out ≥ in (measured: beyond that, and in bf16, `F.linear` is as fast or faster).
+    Same arithmetic, same result up to float rounding order (tested). Which of
+    the two streams faster depends on the CPU and its BLAS: on a 2-core AMD
+    EPYC (torch 2.13) `F.linear` on 1-4 fp32 rows streamed 6-14 GB/s and the
+    blocked product 20-32 GB/s, while on a 2-core Xeon with AMX the blocked
+    product streamed ~24 GB/s where `F.linear` reached 50-110. So on a CPU,
+    without autograd, for ≤ 16 rows, `fastpath.run` times both over the first
+    calls with each (rows, shape, dtype) inside the model, where the weights
+    stream as they do in decoding, and keeps the blocked product only if it is
+    ≥ 5 % faster (`LMLAB_FASTPATH=linear_matvec=plain|fast` fixes it).
+    Everywhere else it is `F.linear`. Under torch.compile nothing is measured
+    and the AMD rule stays (fp32, ≤ 4 rows, or ≤ 16 and out ≥ in).
     """
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        w = self.weight
-        if (x.device.type == "cpu" and x.dtype == torch.float32 == w.dtype
+        w, b = self.weight, self.bias
+        if (x.device.type == "cpu" and x.dtype == w.dtype and x.dtype.is_floating_point
                 and not (torch.is_grad_enabled() and (w.requires_grad or x.requires_grad))
-                and compute_dtype(x) == torch.float32 and w.is_contiguous()):
+                and compute_dtype(x) == x.dtype and w.is_contiguous()):
             rows, k = x.numel() // self.in_features, _row_blocks(self.out_features)
-            if k and (rows <= 4 or (rows <= 16 and self.out_features >= self.in_features)):
-                x2 = x.reshape(rows, self.in_features)
-                y = torch.bmm(w.view(k, self.out_features // k, self.in_features),
-                              x2.t().expand(k, self.in_features, rows))
-                y = y.view(self.out_features, rows).t()
-                if self.bias is not None:
-                    y = y + self.bias
-                return y.reshape(*x.shape[:-1], self.out_features)
-        return F.linear(x, w, self.bias)
+            if k and 0 < rows <= 16:
+                if torch.compiler.is_compiling():  # nothing is measured: the AMD rule
+                    wide = self.out_features >= self.in_features
+                    if x.dtype == torch.float32 and (rows <= 4 or wide):
+                        return _blocked_matvec(x, w, b, k)
+                else:
+                    key = (rows, self.in_features, self.out_features, x.dtype, b is not None)
+                    return fastpath.run("linear_matvec", key, _MATVEC_PATHS, x, w, b, k,
+                                        fields=_MATVEC_KEY)
+        return F.linear(x, w, b)
+
+
+def _blocked_matvec(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None,
+                    k: int) -> torch.Tensor:
+    """x Wᵀ + b as a batched multiply over k blocks of W's rows (see `Linear`)."""
+    out_f, in_f = w.shape
+    rows = x.numel() // in_f
+    y = torch.bmm(w.view(k, out_f // k, in_f), x.reshape(rows, in_f).t().expand(k, in_f, rows))
+    y = y.view(out_f, rows).t()
+    if b is not None:
+        y = y + b
+    return y.reshape(*x.shape[:-1], out_f)
+
+
+_MATVEC_PATHS = {fastpath.PLAIN: lambda x, w, b, k: F.linear(x, w, b), "blocked": _blocked_matvec}
 
 
 # ---------------------------------------------------------------- rotary embeddings
@@ -164,10 +195,11 @@ def causal_attention_blocked(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
     (3/4 at 256 positions, 9/16 at 1,024). Scores are softmaxed in fp32. Eager,
     the mask is a 0 / −∞ bias that the scores' multiply adds in (`baddbmm`);
     under torch.compile, inductor fuses it into the softmax. The two give the
-    same bits when the scale is a power of two. On a CPU, forward plus backward
-    through this (autograd, or inductor's fusion of it under torch.compile) is
-    faster than SDPA's CPU flash kernel, whose backward pass dominates a
-    training step; SDPA is used everywhere else.
+    same bits when the scale is a power of two. On a CPU its forward plus
+    backward can beat SDPA's CPU flash kernel, whose backward pass dominates a
+    training step (on a 2-core AMD EPYC, bf16, 8 x 6 heads x 256 x 64: 23 ms
+    through SDPA, 9-10 ms this way under torch.compile), so `Attention` uses it
+    for CPU training where `_blocked_attention_wins` measures it faster.
     """
     T, D = q.shape[-2:]
     scale, acc = D ** -0.5, torch.promote_types(q.dtype, torch.float32)  # acc: the softmax's
@@ -191,6 +223,59 @@ def causal_attention_blocked(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
         outs.append(torch.softmax(s, -1, dtype=acc).to(v.dtype) @ vb)
     y = torch.cat(outs, dim=-2) if len(outs) > 1 else outs[0]
     return y if compiling else y.view(*lead, T, D)
+
+
+class _AttentionKey(NamedTuple):
+    batch: int
+    heads: int
+    kv_heads: int
+    T: int
+    head_dim: int
+    dtype: torch.dtype
+    compute_dtype: torch.dtype
+
+
+def _sdpa_causal(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    """The plain op, K/V heads shared as `Attention.forward` shares them."""
+    rep = q.shape[1] // k.shape[1]
+    if rep > 1 and _SDPA_GQA:
+        return F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True)
+    if rep > 1:
+        k, v = k.repeat_interleave(rep, dim=1), v.repeat_interleave(rep, dim=1)
+    return F.scaled_dot_product_attention(q, k, v, is_causal=True)
+
+
+def _blocked_causal(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    rep = q.shape[1] // k.shape[1]
+    if rep > 1:
+        k, v = k.repeat_interleave(rep, dim=1), v.repeat_interleave(rep, dim=1)
+    return causal_attention_blocked(q, k, v)
+
+
+def _forward_backward(attend, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:
+    q, k, v = (t.detach().requires_grad_() for t in (q, k, v))  # apart from the model's graph
+    out = attend(q, k, v)
+    torch.autograd.grad(out, (q, k, v), torch.ones_like(out))
+
+
+_ATTENTION_PATHS = {fastpath.PLAIN: functools.partial(_forward_backward, _sdpa_causal),
+                    "blocked": functools.partial(_forward_backward, _blocked_causal)}
+
+
+def _blocked_attention_wins(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> bool:
+    """Whether CPU training attention goes through `causal_attention_blocked` rather than SDPA.
+
+    Timed once per shape and dtype (`fastpath.choose`): forward plus backward
+    of both on this call's q, k, v (B, heads, T, d), detached, which costs a
+    few ms to a few hundred on the first training step. Under torch.compile
+    nothing is measured and the blocked path is kept (its fused form won on
+    the AMD CPU).
+    """
+    if torch.compiler.is_compiling():
+        return True
+    B, H, T, D = q.shape
+    key = _AttentionKey(B, H, k.shape[1], T, D, q.dtype, compute_dtype(q))
+    return fastpath.choose("attention", key, _ATTENTION_PATHS, q, k, v) != fastpath.PLAIN
 
 
 class Attention(nn.Module):
@@ -217,9 +302,10 @@ class Attention(nn.Module):
         if cache is not None:
             past = cache.pos
             k, v = cache.update(layer, k, v)
-        # training on a CPU: the blocked path's backward beats SDPA's CPU kernel
+        # training on a CPU: the blocked path where its backward measures faster than SDPA's
         blocked = (attn_mask is None and not past and T > 1 and x.device.type == "cpu"
-                   and torch.is_grad_enabled() and not (self.training and self.dropout))
+                   and torch.is_grad_enabled() and not (self.training and self.dropout)
+                   and _blocked_attention_wins(q, k, v))
         gqa = {}
         if self.n_kv_head != self.n_head:  # grouped-query attention: share each K/V head
             if _SDPA_GQA and not blocked:  # torch >= 2.5 shares the heads inside the kernel

@@ -191,10 +191,26 @@ def keep_freed_memory() -> bool:
     64-bit) and the trim threshold out of reach keeps those pages mapped (the
     same effect as the jemalloc / tcmalloc preloads recommended for CPU
     PyTorch). Process-wide and idempotent; a no-op off glibc. Returns whether it applied.
+
+    A rule, not a measurement (unlike `lmlab.model.fastpath`'s kernels). It
+    changes no kernel and no arithmetic, only whether freed blocks are handed
+    back to the OS; keeping them removes page faults and adds none, whatever
+    the CPU, since the faults come from glibc's defaults, not from the
+    processor. What it costs is memory: the process keeps its peak heap.
+    Timing it would take whole training steps each way, and being process-wide
+    it cannot be undone for blocks already freed. `LMLAB_FASTPATH=plain` (or
+    `keep_freed_memory=plain`) leaves malloc alone; the decision is recorded
+    in `fastpath.decisions()`.
     """
     global _allocator_tuned
+    from lmlab.model import fastpath
+
     if _allocator_tuned:
         return True
+    if fastpath.mode("keep_freed_memory") == "plain":
+        fastpath.record("keep_freed_memory", ("glibc malloc",), "plain",
+                        f"forced by {fastpath.ENV}")
+        return False
     try:
         import ctypes
 
@@ -202,6 +218,9 @@ def keep_freed_memory() -> bool:
         ok = (libc.mallopt(_M_MMAP_THRESHOLD, 32 << 20) == 1
               and libc.mallopt(_M_TRIM_THRESHOLD, 1 << 30) == 1)
     except (OSError, AttributeError):
-        return False
+        ok = False
+    fastpath.record("keep_freed_memory", ("glibc malloc",), "keep" if ok else "plain",
+                    "rule: removes page faults, keeps the peak heap" if ok
+                    else "rule: no glibc mallopt here")
     _allocator_tuned = ok
     return ok
