@@ -31,8 +31,10 @@ def test_export_import_generate_round_trip(tmp_path, tokenizer_dir, tokenizer):
     r = lmlab("import-hf", tmp_path / "hf", tmp_path / "back")
     assert r.returncode == 0 and "lmlab generate" in r.stdout, r.stderr
     back = load_model_dir(tmp_path / "back")
-    for (k, a), b in zip(model.state_dict().items(), back.state_dict().values()):
-        assert torch.equal(a, b), k
+    want, got = model.state_dict(), back.state_dict()
+    assert sorted(got) == sorted(want)  # the same tensors, none missing or extra
+    for k, a in want.items():
+        assert got[k].dtype == a.dtype and torch.equal(got[k], a), k
     r = lmlab("generate", "--model", tmp_path / "back", "--prompt", "你好", "--max-new-tokens", 8,
               "--seed", 0)
     assert r.returncode == 0 and r.stdout.startswith("你好"), r.stderr

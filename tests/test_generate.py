@@ -201,3 +201,24 @@ def test_generate_text_with_tokenizer(tokenizer):
         ids = ids[:-1]
     assert text == tokenizer.decode(ids)
     assert generate_text(model, tokenizer, "", max_new_tokens=5, temperature=0)  # starts from EOS
+
+
+def test_loaded_model_generate(tmp_path, tokenizer, tokenizer_dir):
+    """`lmlab.load(dir).generate`: text; seeded sampling repeats; greedy is generate_ids' greedy."""
+    import lmlab
+    from lmlab.model_io import save_model_dir
+
+    model = small("llama-gqa", vocab_size=tokenizer.vocab_size)
+    save_model_dir(model, tmp_path / "m", tokenizer_dir=tokenizer_dir)
+    lm = lmlab.load(tmp_path / "m")
+    prompt = "def "
+    sampled = lm.generate(prompt, max_new_tokens=20, temperature=1.0, seed=5)
+    assert isinstance(sampled, str) and sampled
+    assert lm.generate(prompt, max_new_tokens=20, temperature=1.0, seed=5) == sampled
+    assert lm.generate(prompt, max_new_tokens=20, temperature=1.0, seed=6) != sampled
+
+    ids = generate_ids(model, tokenizer.encode(prompt), 20, temperature=0)
+    if tokenizer.eos_id in ids:  # the text stops at EOS, without it
+        ids = ids[:ids.index(tokenizer.eos_id)]
+    assert len(set(ids)) > 3  # a non-trivial continuation
+    assert lm.generate(prompt, max_new_tokens=20, temperature=0) == tokenizer.decode(ids)

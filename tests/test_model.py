@@ -54,9 +54,31 @@ def test_kv_cache_equals_full_forward(family):
 
 
 def test_tied_embeddings_share_storage():
-    model = small("gpt2")
-    assert model.lm_head.weight is model.tok_emb.weight
-    assert small("llama-gqa").lm_head.weight is not small("llama-gqa").tok_emb.weight
+    tied = small("gpt2")
+    assert tied.lm_head.weight is tied.tok_emb.weight
+    assert tied.lm_head.weight.data_ptr() == tied.tok_emb.weight.data_ptr()
+    untied = small("llama-gqa")  # tie_embeddings=False: one model, two matrices
+    head, emb = untied.lm_head.weight, untied.tok_emb.weight
+    assert head is not emb
+    assert head.untyped_storage().data_ptr() != emb.untyped_storage().data_ptr()
+    with torch.no_grad():  # writing one leaves the other as it was
+        before = emb.clone()
+        head.add_(1.0)
+    torch.testing.assert_close(emb, before)
+
+
+def test_kv_cache_full_raises():
+    model = small("llama-gqa")
+    x = torch.randint(0, 97, (1, 10))
+    cache = KVCache(model.cfg, batch_size=1, max_len=8)
+    with torch.no_grad():
+        model(x[:, :6], cache=cache)
+        assert cache.pos == 6
+        with pytest.raises(ValueError, match=r"KV cache full: 10 positions > max_len 8"):
+            model(x[:, 6:], cache=cache)
+        assert cache.pos == 6  # the failed call did not advance the cache
+        model(x[:, 6:8], cache=cache)  # what still fits goes in
+    assert cache.pos == 8
 
 
 @pytest.mark.parametrize("family", FAMILIES)

@@ -1,6 +1,7 @@
 """The training loop: learning, exact resume, crash safety, non-finite handling, DDP."""
 
 import json
+import math
 import os
 import shutil
 import signal
@@ -10,6 +11,7 @@ import textwrap
 
 import pytest
 import torch
+from safetensors.torch import load_file
 
 from lmlab.config import ModelSpec, PretrainConfig, TrainConfig
 from lmlab.data.shards import TokenShardWriter
@@ -137,14 +139,15 @@ def test_sigkill_while_writing_a_checkpoint(shards, tmp_path):
     p = subprocess.run([sys.executable, "-c", KILL_SCRIPT, str(shards), str(run)], env=env,
                        capture_output=True, text=True)
     assert p.returncode == -signal.SIGKILL, p.stderr
-    assert (run / "checkpoints" / ".step_000008.tmp").is_dir()  # the half-written one
+    half = list((run / "checkpoints").glob(".step_000008.tmp-*"))
+    assert len(half) == 1 and half[0].is_dir()  # the half-written one
     assert [c.name for c in ckpt.list_checkpoints(run)] == ["step_000004"]
 
     cfg = make_cfg(shards, run, checkpoint_every=4, keep_checkpoints=5)
     cfg.resume = True
     r = pretrain(cfg)
     assert r.fit.step == 12
-    assert not (run / "checkpoints" / ".step_000008.tmp").exists()
+    assert not half[0].exists()
     assert [c.name for c in ckpt.list_checkpoints(run)] == ["step_000004", "step_000008",
                                                             "step_000012"]
     straight = tmp_path / "straight"
@@ -193,10 +196,77 @@ def test_nonfinite_stops_and_keeps_good_checkpoint(shards, tmp_path, monkeypatch
 
 
 def test_nonfinite_skip(shards, tmp_path, monkeypatch):
-    PoisonAt(5)(monkeypatch)
-    r = pretrain(make_cfg(shards, tmp_path / "run", nonfinite="skip"))
-    assert r.fit.status == "finished" and r.fit.skipped_steps == 1
-    assert all(torch.isfinite(torch.tensor(losses(tmp_path / "run")[:5])))
+    PoisonAt(5)(monkeypatch)  # the batch of step index 5: logged as step 6
+    run = tmp_path / "run"
+    r = pretrain(make_cfg(shards, run, nonfinite="skip", max_steps=8, checkpoint_every=1,
+                          keep_checkpoints=20))
+    assert r.fit.status == "finished" and r.fit.step == 8 and r.fit.skipped_steps == 1
+    ls = losses(run)
+    assert len(ls) == 8 and math.isnan(ls[5])  # the poisoned step, and only it
+    assert all(math.isfinite(v) for v in ls[:5] + ls[6:])  # before and after it
+    assert math.isfinite(r.fit.last_train_loss) and math.isfinite(r.fit.val["val_loss"])
+
+    def weights(step):
+        return load_file(str(run / "checkpoints" / f"step_{step:06d}" / "model.safetensors"))
+
+    def moments(step):
+        state = ckpt.load_trainer_state(run / "checkpoints" / f"step_{step:06d}")["optimizer"]
+        return {(i, k): v for i, s in state["state"].items() for k, v in s.items()}
+
+    def changed(a, b):  # the names of the tensors that differ
+        assert a.keys() == b.keys()
+        return [k for k in a if not torch.equal(a[k], b[k])]
+
+    # the skipped step changed no weight and no optimizer moment; its neighbours did
+    assert changed(weights(5), weights(6)) == [] and changed(moments(5), moments(6)) == []
+    assert changed(weights(4), weights(5)) and changed(weights(6), weights(7))
+    assert changed(moments(6), moments(7))
+    assert all(torch.isfinite(t).all() for t in weights(8).values())
+
+
+def test_grad_accum_equals_the_larger_batch(shards, tmp_path):
+    """batch 4 x 2 micro-steps: the same rows, loss and updates as batch 8 in one step."""
+    pretrain(make_cfg(shards, tmp_path / "big", batch_size=8, grad_accum=1, max_steps=8))
+    r = pretrain(make_cfg(shards, tmp_path / "accum", batch_size=4, grad_accum=2, max_steps=8))
+    assert losses(tmp_path / "accum") == pytest.approx(losses(tmp_path / "big"), rel=1e-5, abs=1e-5)
+    assert len(losses(tmp_path / "accum")) == 8
+    assert r.fit.val == pytest.approx(pretrain_val(tmp_path / "big"), rel=1e-5, abs=1e-5)
+
+
+def test_max_minutes_stops_with_time_limit_and_a_checkpoint(shards, tmp_path):
+    import lmlab
+
+    run = tmp_path / "run"
+    r = pretrain(make_cfg(shards, run, max_steps=1_000_000, max_minutes=0.02, log_every=1000))
+    assert r.fit.status == "time limit"
+    assert 1 <= r.fit.step < 1_000_000 and r.fit.seconds >= 0.02 * 60
+    cks = ckpt.list_checkpoints(run)
+    assert [c.name for c in cks] == [f"step_{r.fit.step:06d}"]
+    assert r.fit.checkpoint == str(cks[-1])
+    lm = lmlab.load(run)  # the run dir is a model dir, holding the last step's weights
+    saved = load_file(str(cks[-1] / "model.safetensors"))
+    state = lm.model.state_dict()
+    assert saved and all(torch.equal(state[k], v) for k, v in saved.items())
+    assert isinstance(lm.generate("def ", max_new_tokens=4, temperature=0), str)
+
+
+def test_bf16_autocast_trains(shards, tmp_path, monkeypatch):
+    # measuring the bf16 peak (a 2048x2048 bf16 matmul) takes minutes on a CPU without native
+    # bf16, before the first step; MFU is not under test here
+    from lmlab.train import trainer
+
+    monkeypatch.setattr(trainer, "measured_peak_flops", lambda *a, **k: 1e12)
+    fp32 = losses_of(pretrain(make_cfg(shards, tmp_path / "fp32", batch_size=8)))
+    bf16 = losses_of(pretrain(make_cfg(shards, tmp_path / "bf16", batch_size=8, precision="bf16")))
+    assert len(bf16) == 12 and all(math.isfinite(v) for v in bf16)
+    assert sum(bf16[-3:]) / 3 < bf16[0] - 0.4  # it learns
+    assert bf16[0] == pytest.approx(fp32[0], abs=2e-2)  # the same model, within bf16's precision
+    assert bf16 == pytest.approx(fp32, abs=2e-2)  # and the same run
+    assert bf16[0] != fp32[0]  # autocast did run: bf16 rounding shows
+
+
+def losses_of(result):
+    return losses(result.run_dir)
 
 
 @pytest.mark.slow

@@ -1,0 +1,37 @@
+"""`lmlab.quickstart.quickstart` end to end, at a tiny budget on a few small stdlib files."""
+
+import json
+import math
+import sysconfig
+from pathlib import Path
+
+import pytest
+
+SMALL_FILES = ["colorsys.py", "genericpath.py", "reprlib.py", "stat.py", "linecache.py",
+               "fnmatch.py", "getopt.py", "copy.py"]  # ~55 KB of the running Python's source
+
+
+@pytest.mark.slow
+def test_quickstart_end_to_end(tmp_path):
+    import lmlab
+    from lmlab.quickstart import quickstart
+
+    root = Path(sysconfig.get_paths()["stdlib"])
+    corpus = [str(root / f) for f in SMALL_FILES]
+    assert all(Path(f).is_file() for f in corpus)
+    out = tmp_path / "qs"
+    # the shortest pretraining quickstart does is 0.2 minutes, whatever the budget
+    summary = quickstart(corpus=corpus, minutes=0.3, out=str(out), device="cpu")
+
+    on_disk = json.loads((out / "summary.json").read_text(encoding="utf-8"))
+    for s in (summary, on_disk):
+        for key in ("val_bpb", "xz_bpb", "params"):
+            assert isinstance(s[key], (int, float)) and math.isfinite(s[key]) and s[key] > 0, key
+        assert isinstance(s["steps"], int) and s["steps"] >= 1
+        assert s["status"] in ("finished", "time limit")
+    assert on_disk["val_bpb"] == pytest.approx(summary["val_bpb"])
+    assert on_disk["steps"] == summary["steps"]
+
+    lm = lmlab.load(out)  # the output directory is a model directory
+    assert sum(p.numel() for p in lm.model.parameters()) == summary["params"]
+    assert isinstance(lm.generate("def ", max_new_tokens=8, temperature=0), str)
