@@ -112,6 +112,28 @@ def test_choice_is_cached_per_key_and_thread_count(clock):
     assert len(fastpath.decisions()) == 3
 
 
+def test_decisions_survive_a_checkpoint_round_trip_and_replace_a_new_measurement(clock):
+    """A resumed run computes with the paths the saved run chose (bit-identical losses)."""
+    import json
+
+    from collections import namedtuple
+
+    Key = namedtuple("Key", "rows dtype grad")
+    slow_plain = {"plain": clock.takes(2e-3), "fast": clock.takes(1e-3)}
+    assert fastpath.choose("op", Key(8, torch.bfloat16, True), slow_plain) == "fast"
+    saved = json.loads(json.dumps(fastpath.export_decisions()))  # as trainer_state.pt holds it
+    fastpath.clear()
+    slow_fast = {"plain": clock.takes(1e-3), "fast": clock.takes(2e-3)}
+    assert fastpath.choose("op", Key(8, torch.bfloat16, True), slow_fast) == "plain"
+    assert fastpath.adopt_decisions(saved) == 1
+    calls = []
+    counted = {"plain": clock.takes(1e-3, calls), "fast": clock.takes(2e-3, calls)}
+    assert fastpath.choose("op", Key(8, torch.bfloat16, True), counted) == "fast"
+    assert calls == []  # adopted, not measured again
+    (d,) = fastpath.decisions()
+    assert d.how == "adopted from a checkpoint"
+
+
 def test_env_forces_either_side_without_measuring(monkeypatch, clock):
     calls = []
     cands = {"plain": clock.takes(1e-3, calls), "fast": clock.takes(9e-3, calls)}

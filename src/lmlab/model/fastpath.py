@@ -252,6 +252,36 @@ def report(indent: str = "  ") -> str:
     return "\n".join(lines) if lines else indent + "(no fast path was considered)"
 
 
+def _encode(v: Any) -> Any:
+    return {"dtype": _fmt(v)} if isinstance(v, torch.dtype) else v
+
+
+def _decode(v: Any) -> Any:
+    if isinstance(v, dict) and set(v) == {"dtype"}:
+        return getattr(torch, v["dtype"])
+    return v
+
+
+def export_decisions() -> list[dict]:
+    """The measured and rule decisions as plain data (ints, strings, lists), for a
+    checkpoint: a resumed run adopts them, so it computes with the same paths as
+    the run it continues, bit for bit, instead of timing anew."""
+    return [{"name": d.name, "key": [_encode(v) for v in d.key], "threads": d.threads,
+             "choice": d.choice} for d in _decided.values()]
+
+
+def adopt_decisions(saved: list[dict]) -> int:
+    """Take the decisions `export_decisions` gave (they replace this process's own for the
+    same keys); returns how many were adopted. Forced choices (LMLAB_FASTPATH) still win."""
+    n = 0
+    for e in saved:
+        key = tuple(_decode(v) for v in e["key"])
+        full = (e["name"], key, int(e["threads"]))
+        _decided[full] = Decision(e["name"], key, full[2], e["choice"], "adopted from a checkpoint")
+        n += 1
+    return n
+
+
 def clear() -> None:
     """Forget every decision and measurement, and read LMLAB_FASTPATH again (tests)."""
     global _modes

@@ -34,6 +34,7 @@ parameters), and gathers and loads the state that checkpoints hold.
 
 from __future__ import annotations
 
+import json
 import logging
 import math
 import signal
@@ -50,6 +51,7 @@ from torch.utils._pytree import tree_map
 
 from lmlab.config import TrainConfig
 from lmlab.errors import LmlabError
+from lmlab.model import fastpath
 from lmlab.model.loss import compiled_kernels
 from lmlab.model_io import WEIGHTS_FILE
 from lmlab.train import checkpoint as ckpt
@@ -143,6 +145,8 @@ class Trainer:
         state = ckpt.load_trainer_state(path)
         self.strategy.load_optimizer_state(self.raw_model, self.optimizer, state["optimizer"])
         ckpt.restore_rng(state)
+        # compute with the fast paths the saved run chose, not a new measurement's
+        fastpath.adopt_decisions(json.loads(state.get("fastpath", "[]")))
         self.step = self.saved_step = state["step"]
         self.train_seconds = state.get("train_seconds", 0.0)
         self.skipped = state.get("skipped", 0)
@@ -164,6 +168,7 @@ class Trainer:
             path = ckpt.save_checkpoint(
                 self.run_dir, self.step, self.raw_model, weights, optimizer,
                 {"train_seconds": self.train_seconds, "skipped": self.skipped,
+                 "fastpath": json.dumps(fastpath.export_decisions()),
                  "scaler": self.scaler.state_dict() if self.scaler else {}},
                 tokenizer_dir=self.tokenizer_dir, keep_last=self.cfg.keep_checkpoints)
             self.callback("checkpoint", {"step": self.step, "path": str(path)})
