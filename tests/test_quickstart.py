@@ -35,3 +35,14 @@ def test_quickstart_end_to_end(tmp_path):
     lm = lmlab.load(out)  # the output directory is a model directory
     assert sum(p.numel() for p in lm.model.parameters()) == summary["params"]
     assert isinstance(lm.generate("def ", max_new_tokens=8, temperature=0), str)
+
+
+def test_a_corpus_without_held_out_text_stops_before_training(tmp_path):
+    from lmlab.errors import InputError
+    from lmlab.quickstart import quickstart
+
+    one = tmp_path / "one.py"
+    one.write_text("def hello():\n    return 'one document only'\n" * 20)
+    with pytest.raises(InputError, match="no held-out documents"):
+        quickstart(corpus=[str(one)], minutes=0.3, out=str(tmp_path / "qs"), device="cpu")
+    assert not (tmp_path / "qs" / "checkpoints").exists()  # no training time was spent

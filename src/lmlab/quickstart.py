@@ -25,8 +25,9 @@ import torch
 
 from lmlab.config import ModelSpec, PretrainConfig, TrainConfig
 from lmlab.data.shards import TokenShards, read_meta
-from lmlab.fileio import atomic_write_text
+from lmlab.errors import InputError
 from lmlab.eval import baselines
+from lmlab.fileio import atomic_write_text
 from lmlab.tokenizer import Tokenizer
 from lmlab.train.distributed import pick_device
 
@@ -116,6 +117,11 @@ def quickstart(corpus: list[str] | None = None, minutes: float = 10.0, out: str 
     if not (shard_dir / "meta.json").is_file() or read_meta(shard_dir)["tokenizer_hash"] != tokenizer.hash:
         prepare(inputs, tok_dir, shard_dir, val_fraction=0.02, workers=workers)
     meta = read_meta(shard_dir)
+    if not meta["splits"].get("val", {}).get("documents"):
+        # bits per byte and the compressors are measured on held-out text: stop before training
+        raise InputError(f"{shard_dir}: the corpus gave no held-out documents "
+                         f"({meta['documents']} document(s) in all); give a corpus of at least "
+                         "two documents, e.g. a directory of text files")
 
     spent = (time.time() - t_start) / 60
     train_minutes = max(0.2, minutes - spent - FINISH_RESERVE_S / 60)
