@@ -255,7 +255,14 @@ def _plain_is_faster(h, w, y, chunk: int, n_valid: int, masked: bool) -> bool:
                            sync=fastpath.synchronizer(h.device)) == fastpath.PLAIN
 
 
-@torch.compiler.disable
+# Runs eager inside a compiled model (its chunks are a Python loop and a custom autograd
+# function; `compiled_kernels` compiles the chunk body instead). torch._disable_dynamo
+# imports dynamo on the first call, not at import: `torch.compiler.disable` here cost
+# every `lmlab` command ~2 s of start-up importing it.
+_eager_only = getattr(torch, "_disable_dynamo", None) or torch.compiler.disable
+
+
+@_eager_only
 def linear_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor,
                          reduction: str = "mean", chunk_rows: int | None = None) -> torch.Tensor:
     """Cross-entropy of logits `hidden @ weight.T` against `targets`, without making the logits.
