@@ -26,8 +26,10 @@ per step: the state (cache, masks, position offsets) is built once, a batch
 without padding passes no mask at all (the model then takes its mask-free
 path), only the last prompt position goes through the output layer, and the
 last new token is never fed back. The products themselves go through
-`lmlab.model.transformer.Linear`, which on a CPU streams fp32 weights at two
-to three times the rate of `F.linear` for a few rows. torch.compile was
+`lmlab.model.transformer.Linear`, which on a CPU takes a blocked matrix-vector
+product where that measures faster than `F.linear` on the machine at hand
+(`lmlab.model.fastpath`; 2-3x on the 2-core AMD EPYC of the benchmarks, slower
+on an Intel Xeon with AMX, where `F.linear` is kept). torch.compile was
 measured and is not used: on the model's forward, the cache's Python-int
 position makes it recompile at every step (34 s for the first compile on 2
 cores); a static-cache step written for it compiled in ~10 s and then ran no
