@@ -154,3 +154,30 @@ def test_training_step_through_fast_paths_equals_plain_model(monkeypatch, family
     torch.testing.assert_close(fast, plain)
     for a, b in zip(fast_grads, plain_grads):
         torch.testing.assert_close(a, b, atol=1e-6, rtol=1e-4)
+
+
+@pytest.mark.parametrize("sdpa_gqa", [True, False])
+@pytest.mark.parametrize("family", ["gpt2", "llama-gqa"])
+def test_decode_attention_equals_the_full_forward(monkeypatch, family, sdpa_gqa, forced):
+    """One-query decode steps through either attention path give the full forward's logits,
+    with and without left padding (the batched generation loop's mask)."""
+    import lmlab.model.transformer as tr
+    from lmlab.infer import generate_ids
+
+    monkeypatch.setattr(tr, "_SDPA_GQA", sdpa_gqa)
+    kw = {} if family == "gpt2" else dict(pos_emb="rope", norm="rmsnorm", mlp="swiglu",
+                                          n_kv_head=2, tie_embeddings=False, bias=False)
+    cfg = ModelConfig(vocab_size=97, n_layer=2, n_head=4, d_model=32, max_seq_len=64, **kw)
+    torch.manual_seed(0)
+    model = Transformer(cfg).eval()
+    x = torch.randint(0, 97, (2, 30))
+    with torch.no_grad():
+        full = model(x)
+        state = model.new_decode_state(2, 30)
+        steps = [model.decode_step(x[:, :5], state)]
+        steps += [model.decode_step(x[:, t:t + 1], state) for t in range(5, 30)]
+    torch.testing.assert_close(torch.stack(steps, 1), full[:, 4:], atol=1e-5, rtol=1e-5)
+    assert chosen("decode_attention") == {"matmul" if forced == "fast" else "plain"}
+    prompts = [x[0, :9].tolist(), x[1, :3].tolist()]  # padded in a batch of two
+    batched = generate_ids(model, prompts, 12, temperature=0, eos_id=None)
+    assert batched == [generate_ids(model, p, 12, temperature=0, eos_id=None) for p in prompts]

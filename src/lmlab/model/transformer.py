@@ -302,6 +302,14 @@ class Attention(nn.Module):
         if cache is not None:
             past = cache.pos
             k, v = cache.update(layer, k, v)
+        if (T == 1 and past and x.device.type == "cpu" and not torch.is_grad_enabled()
+                and not torch.compiler.is_compiling()):
+            # one decode step: one query against the cache, the choice measured (see below)
+            key = (B, self.n_head, self.n_kv_head, self.head_dim, _pow2_at_least(past + 1),
+                   q.dtype, attn_mask is not None)
+            y = fastpath.run("decode_attention", key, _DECODE_ATTENTION, q, k, v, attn_mask,
+                             fields=_DECODE_KEY)
+            return self.proj(y.transpose(1, 2).reshape(B, T, -1))
         # training on a CPU: the blocked path where its backward measures faster than SDPA's
         blocked = (attn_mask is None and not past and T > 1 and x.device.type == "cpu"
                    and torch.is_grad_enabled() and not (self.training and self.dropout)
@@ -326,6 +334,45 @@ class Attention(nn.Module):
             dropout_p=self.dropout if self.training else 0.0, **gqa,
         )
         return self.proj(y.transpose(1, 2).reshape(B, T, -1))
+
+
+def _pow2_at_least(n: int) -> int:
+    return 1 << (n - 1).bit_length()
+
+
+def _decode_attention_sdpa(q, k, v, mask):
+    """The plain op: SDPA, its K/V heads shared inside the kernel (torch ≥ 2.5) or repeated."""
+    rep = q.shape[1] // k.shape[1]
+    if rep > 1 and not _SDPA_GQA:
+        k, v = k.repeat_interleave(rep, dim=1), v.repeat_interleave(rep, dim=1)
+    gqa = {"enable_gqa": True} if rep > 1 and _SDPA_GQA else {}
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, **gqa)
+
+
+def _decode_attention_matmul(q, k, v, mask):
+    """softmax(q Kᵀ/√d) V for one query per row, as two small matrix products.
+
+    SDPA's CPU kernel is built for long query blocks; for a single query it pays
+    its tiling and threading set-up on a product of a few thousand FLOPs. Here
+    the query heads that share a K/V head are stacked as rows of one product
+    (GQA without repeating the cache), the mask (B, 1, 1, L) hides left padding,
+    and the softmax runs in fp32.
+    """
+    B, H, _, D = q.shape
+    Hkv, L = k.shape[1], k.shape[2]
+    qg = q.reshape(B, Hkv, H // Hkv, D) * D ** -0.5
+    s = torch.matmul(qg, k.transpose(-1, -2))  # (B, Hkv, H/Hkv, L)
+    if mask is not None:
+        s = s.masked_fill(~mask.reshape(B, 1, 1, L), float("-inf"))
+    p = torch.softmax(s, -1, dtype=torch.promote_types(s.dtype, torch.float32)).to(v.dtype)
+    return torch.matmul(p, v).reshape(B, H, 1, D)
+
+
+_DECODE_KEY = ("batch", "heads", "kv_heads", "head_dim", "keys_up_to", "dtype", "masked")
+# a decode step on a CPU: which is faster depends on the CPU (and torch's SDPA kernel); timed
+# in place over the first steps of each shape by fastpath.run (key lengths bucketed by powers
+# of two), SDPA kept unless the two products are ≥ 5 % faster
+_DECODE_ATTENTION = {fastpath.PLAIN: _decode_attention_sdpa, "matmul": _decode_attention_matmul}
 
 
 _GELU_2C = 2 * math.sqrt(2 / math.pi)
