@@ -52,3 +52,17 @@ def tokenizer(tokenizer_dir):
 def _deterministic():
     torch.manual_seed(0)
     yield
+
+
+def write_shards(out, tokenizer, tokenizer_dir, texts, val_every: int):
+    """Token shards of `texts` (every `val_every`-th held out), with the tokenizer beside them
+    in out/tokenizer so that pretraining finds it without --tokenizer."""
+    import shutil
+
+    from lmlab.data.shards import TokenShardWriter
+
+    with TokenShardWriter(out, tokenizer.vocab_size, tokenizer.eos_id, tokenizer.hash) as w:
+        for i, text in enumerate(texts):
+            w.add(tokenizer.encode(text), "val" if i % val_every == 0 else "train")
+    shutil.copytree(tokenizer_dir, Path(out) / "tokenizer")
+    return out

@@ -4,7 +4,6 @@ directories without a kind still load."""
 
 import json
 import os
-import shutil
 import signal
 
 import pytest
@@ -14,7 +13,6 @@ from torch import nn
 
 import lmlab
 from lmlab.config import ModelSpec, PretrainConfig, TrainConfig
-from lmlab.data.shards import TokenShardWriter
 from lmlab.errors import ConfigError, InputError
 from lmlab.infer import generate_ids
 from lmlab.model import build_model, model_kinds, preset, register_kind, Transformer
@@ -22,6 +20,7 @@ from lmlab.model_io import load_model_dir, read_model_config, save_model_dir
 from lmlab.train import checkpoint as ckpt
 from lmlab.train.metrics import read_metrics
 from lmlab.train.pretrain import pretrain
+from tests.conftest import write_shards
 
 
 class GRUState:
@@ -84,12 +83,8 @@ class TinyGRU(nn.Module):
 
 @pytest.fixture(scope="module")
 def shards(tmp_path_factory, tokenizer, tokenizer_dir, corpus_texts):
-    out = tmp_path_factory.mktemp("shards")
-    with TokenShardWriter(out, tokenizer.vocab_size, tokenizer.eos_id, tokenizer.hash) as w:
-        for i, text in enumerate(corpus_texts[:40]):
-            w.add(tokenizer.encode(text), "val" if i % 10 == 0 else "train")
-    shutil.copytree(tokenizer_dir, out / "tokenizer")
-    return out
+    return write_shards(tmp_path_factory.mktemp("shards"), tokenizer, tokenizer_dir,
+                        corpus_texts[:40], val_every=10)
 
 
 def gru_cfg(shards, out_dir, **train) -> PretrainConfig:

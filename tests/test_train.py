@@ -3,7 +3,6 @@
 import json
 import math
 import os
-import shutil
 import signal
 import subprocess
 import sys
@@ -14,22 +13,18 @@ import torch
 from safetensors.torch import load_file
 
 from lmlab.config import ModelSpec, PretrainConfig, TrainConfig
-from lmlab.data.shards import TokenShardWriter
 from lmlab.train import checkpoint as ckpt
 from lmlab.train.metrics import read_metrics
 from lmlab.train.optim import cosine_with_warmup, param_groups
 from lmlab.train.pretrain import pretrain
 from lmlab.train.trainer import NonFiniteError
+from tests.conftest import write_shards
 
 
 @pytest.fixture(scope="module")
 def shards(tmp_path_factory, tokenizer, tokenizer_dir, corpus_texts):
-    out = tmp_path_factory.mktemp("shards")
-    with TokenShardWriter(out, tokenizer.vocab_size, tokenizer.eos_id, tokenizer.hash) as w:
-        for i, text in enumerate(corpus_texts):
-            w.add(tokenizer.encode(text), "val" if i % 25 == 0 else "train")
-    shutil.copytree(tokenizer_dir, out / "tokenizer")  # found without --tokenizer
-    return out
+    return write_shards(tmp_path_factory.mktemp("shards"), tokenizer, tokenizer_dir,
+                        corpus_texts, val_every=25)
 
 
 def make_cfg(shards, out_dir, **train) -> PretrainConfig:
