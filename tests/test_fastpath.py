@@ -322,3 +322,19 @@ def test_keep_freed_memory_is_a_recorded_rule(monkeypatch):
     assert distributed.keep_freed_memory() is False
     (d,) = fastpath.decisions()
     assert (d.name, d.choice) == ("keep_freed_memory", "plain") and "forced" in d.how
+
+
+def test_loss_keeps_the_fused_chunk_kernel_under_train_compile(monkeypatch):
+    """Under compiled_kernels (train.compile) the chunked loss is kept by rule, untimed."""
+    timed = []
+    monkeypatch.setattr(fastpath, "choose", lambda *a, **k: timed.append(a) or fastpath.PLAIN)
+    h = torch.randn(64, 16, requires_grad=True)
+    w = torch.randn(40, 16, requires_grad=True)
+    y = torch.randint(0, 40, (64,))
+    with loss_mod.compiled_kernels(True):
+        assert not loss_mod._plain_is_faster(h, w, y, 32, 64, False)
+    assert timed == []
+    (d,) = [d for d in fastpath.decisions() if d.name == "linear_cross_entropy"]
+    assert d.choice == "chunked" and "train.compile" in d.how
+    assert loss_mod._plain_is_faster(h, w, y, 32, 64, False)  # eager: measured (here: plain)
+    assert len(timed) == 1
