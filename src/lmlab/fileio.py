@@ -5,7 +5,7 @@ content or the new one, never half of it. Every writer in lmlab goes through
 these three:
 
 - `atomic_file(path)`: a context manager yielding a binary file object; the data
-  goes to a temporary name beside `path` (`.NAME.tmp-XXXX`), is fsynced, and is
+  goes to a temporary name beside `path` (`.NAME.tmp-` and a random suffix), is fsynced, and is
   renamed onto `path` only if the block finishes without an exception.
 - `atomic_write_text(path, text)` / `atomic_write_bytes(path, data)`: the same for
   content already in memory.

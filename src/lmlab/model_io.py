@@ -152,11 +152,6 @@ def save_model_dir(model: nn.Module, out_dir: str | os.PathLike,
                    state: dict[str, torch.Tensor] | None = None) -> Path:
     """Write `model` as a model directory: its config, its weights (or `state`, e.g. only the
     trainable part), and the tokenizer files of `tokenizer_dir` if given."""
-    if tokenizer_dir is not None and not has_tokenizer_files(tokenizer_dir):
-        raise InputError(
-            f"{tokenizer_dir}: no tokenizer files (expected tokenizer.json); "
-            "pass the directory the tokenizer was saved to, or none"
-        )
     return write_dir_atomically(
         out_dir, lambda d: write_model_files(d, model, tokenizer_dir, state), last=CONFIG_FILE)
 

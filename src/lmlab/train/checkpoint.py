@@ -4,7 +4,7 @@
         config.json  model.safetensors  tokenizer.json ...   (a model directory: `--model` takes it)
         trainer_state.pt    optimizer, step, RNG states, run progress (torch.load weights_only=True)
 
-A checkpoint is written into a staging directory (`.step_000200.tmp-XXXX`, by
+A checkpoint is written into a staging directory (`.step_000200.tmp-` and a random suffix, by
 `lmlab.fileio.write_dir_atomically`) and renamed when complete, so a crash
 (even SIGKILL) mid-write leaves the previous checkpoints intact and the
 half-written one is ignored and cleaned up on resume. The weights saved are

@@ -79,8 +79,6 @@ class DDPStrategy:
     sharded strategy needs all ranks there) and rank 0 writes.
     """
 
-    name = "ddp"
-
     def __init__(self, d: Dist):
         self.dist = d
 

@@ -31,6 +31,7 @@ from lmlab.config import TrainConfig, to_yaml
 from lmlab.errors import ConfigError
 from lmlab.fileio import atomic_write_text
 from lmlab.model_io import save_model_dir
+from lmlab.train.checkpoint import list_checkpoints
 from lmlab.train.distributed import init_distributed, shutdown_distributed
 from lmlab.train.metrics import plot_loss_curve
 from lmlab.train.trainer import FitResult, Task, Trainer
@@ -48,11 +49,6 @@ class RunResult:
     kind: str = ""
 
 
-def _has_checkpoints(run_dir: Path) -> bool:
-    root = run_dir / "checkpoints"
-    return root.is_dir() and any(p.name.startswith("step_") for p in root.iterdir())
-
-
 def run_task(model: nn.Module, task: Task, train: TrainConfig, out_dir: str | Path, *,
              resume: bool = False, run_config: Any = None, tokenizer_dir: str | None = None,
              callback: Callable[[str, dict], None] | None = None, flops_per_token: float = 0.0,
@@ -67,7 +63,7 @@ def run_task(model: nn.Module, task: Task, train: TrainConfig, out_dir: str | Pa
     run_dir = Path(out_dir)
     if run_dir.exists() and not run_dir.is_dir():
         raise ConfigError(f"{run_dir}: exists and is not a directory; choose another output path")
-    if not resume and _has_checkpoints(run_dir):
+    if not resume and list_checkpoints(run_dir):
         raise ConfigError(f"{run_dir} already holds checkpoints; pass --resume to continue that "
                           "run, or choose another --out_dir")
     d = init_distributed(train.device)
