@@ -25,12 +25,13 @@ from __future__ import annotations
 import json
 import logging
 import os
+import pickle
 import shutil
 from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors import safe_open
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 from torch import nn
 
@@ -156,6 +157,74 @@ def save_model_dir(model: nn.Module, out_dir: str | os.PathLike,
         out_dir, lambda d: write_model_files(d, model, tokenizer_dir, state), last=CONFIG_FILE)
 
 
+# ------------------------------------------------------------------ reading weights safely
+#
+# The one way lmlab reads tensors from disk. Weights come from safetensors (no code runs
+# on load) or, for Hugging Face's older files and trainer state, `torch.load` with
+# weights_only=True, which refuses any pickled object but tensors and plain containers.
+# A damaged or hostile file is an `UnreadableFile` (an InputError) of one line naming it.
+
+class UnreadableFile(InputError):
+    """A file that cannot be read as what it should be: `path`, `reason`, and the fix."""
+
+    def __init__(self, path: str | os.PathLike, reason: str,
+                 fix: str = "the file is damaged or incomplete: write it again (or restore it)"):
+        self.path, self.reason = Path(path), reason
+        super().__init__(f"{path}: {reason}; {fix}")
+
+
+def _first_line(e: BaseException, limit: int = 120) -> str:
+    """The gist of a library's error: its first sentence (the advice after it rarely applies;
+    torch's, to pass weights_only=False, must never reach a user)."""
+    text = (str(e).strip().splitlines() or [""])[0].split(". ")[0]
+    return "" if "weights_only" in text else text[:limit]
+
+
+def _refused_for_safety(e: pickle.UnpicklingError) -> bool:
+    """Whether torch's weights-only unpickler refused an object (not a malformed stream:
+    random bytes also fail as "Weights only load failed", with other words)."""
+    return any(s in str(e) for s in ("GLOBAL", "allowlist", "Trying to call reduce"))
+
+
+def read_safetensors(path: str | os.PathLike) -> dict[str, torch.Tensor]:
+    """All tensors of a safetensors file; `UnreadableFile` naming it if it is not one."""
+    path = Path(path)
+    if not path.is_file():
+        raise UnreadableFile(path, "missing", "restore it or give the right directory")
+    try:
+        return load_file(str(path))
+    except (SafetensorError, OSError, ValueError, RuntimeError) as e:
+        detail = _first_line(e)
+        raise UnreadableFile(path, f"not a readable safetensors file ({path.stat().st_size:,} "
+                                   f"bytes{'; ' + detail if detail else ''})") from None
+
+
+def read_torch_file(path: str | os.PathLike, what: str = "PyTorch file") -> Any:
+    """`torch.load(path, weights_only=True)`: tensors and plain containers only.
+
+    A file holding other Python objects is refused for safety (unpickling them could
+    run any code); lmlab never loads those, and says so."""
+    path = Path(path)
+    if not path.is_file():
+        raise UnreadableFile(path, "missing", "restore it or give the right directory")
+    if path.stat().st_size == 0:
+        raise UnreadableFile(path, "empty")
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as e:
+        if _refused_for_safety(e):
+            raise UnreadableFile(
+                path, "refused for safety: it holds arbitrary Python objects besides tensors, "
+                      "and unpickling those could run any code",
+                "lmlab loads only tensors and plain values (save weights with safetensors)"
+            ) from None
+        raise UnreadableFile(path, f"corrupt (not a {what})") from None
+    except Exception as e:  # a truncated zip, EOFError, OSError, ...: many types, one meaning
+        detail = _first_line(e)
+        raise UnreadableFile(path, f"truncated or corrupt ({type(e).__name__}"
+                                   f"{': ' + detail if detail else ''})") from None
+
+
 def _stored_float_dtype(weights_path: Path) -> torch.dtype | None:
     with safe_open(str(weights_path), framework="pt") as f:
         for key in f.keys():
@@ -231,7 +300,7 @@ def load_model_dir(path: str | os.PathLike, device: str | torch.device = "cpu",
     model = build_from_dir(root)
     if not weights_path.is_file():
         raise InputError(f"{root}: no {WEIGHTS_FILE}; the directory holds a config but no weights")
-    load_state_dict_strict(model, load_file(str(weights_path)), weights_path)
+    load_state_dict_strict(model, read_safetensors(weights_path), weights_path)
     target = dtype or _stored_float_dtype(weights_path)
     if target is not None:
         cast_parameters(model, target)

@@ -3,6 +3,7 @@
     run_dir/checkpoints/step_000200/
         config.json  model.safetensors  tokenizer.json ...   (a model directory: `--model` takes it)
         trainer_state.pt    optimizer, step, RNG states, run progress (torch.load weights_only=True)
+        manifest.json       every other file's size and sha256, written last
 
 A checkpoint is written into a staging directory (`.step_000200.tmp-` and a random suffix, by
 `lmlab.fileio.write_dir_atomically`) and renamed when complete, so a crash
@@ -10,28 +11,67 @@ A checkpoint is written into a staging directory (`.step_000200.tmp-` and a rand
 half-written one is ignored and cleaned up on resume. The weights saved are
 what the distribution strategy gathered (the whole model, or only its
 trainable part when the task asks for that).
+
+Resume checks rather than guesses that a checkpoint is intact
+(`load_newest_intact`): the manifest's sizes and hashes must match, and the
+weights and the trainer state must load. A checkpoint that fails is named in a
+warning with the reason, and the next older one is tried; when none is left,
+resume stops with one line saying what to do. A checkpoint written before
+manifests existed is accepted when it loads ("no manifest: verified by
+loading"); one whose trainer state says it was written with a manifest that is
+now missing counts as damaged. The trainer state is read with
+`torch.load(weights_only=True)` only: a file holding other Python objects is
+refused for safety, never unpickled.
 """
 
 from __future__ import annotations
 
+import hashlib
+import json
 import logging
 import os
 import re
 import shutil
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
+from lmlab.errors import InputError
 from lmlab.fileio import TMP_MARK, write_dir_atomically
-from lmlab.model_io import write_model_files
+from lmlab.model_io import (WEIGHTS_FILE, UnreadableFile, read_safetensors, read_torch_file,
+                            write_model_files)
 
 log = logging.getLogger(__name__)
 STATE_FILE = "trainer_state.pt"
+MANIFEST_FILE = "manifest.json"
+MANIFEST_FORMAT = "lmlab-checkpoint-manifest/1"
 _NAME = re.compile(r"^step_(\d{6,})$")
+_CHUNK = 1 << 22
+
+
+class CheckpointError(InputError):
+    """One checkpoint cannot be resumed from: `path` (the file, or the checkpoint) and `reason`."""
+
+    def __init__(self, path: str | os.PathLike, reason: str):
+        self.path, self.reason = Path(path), reason
+        super().__init__(f"{path}: {reason}")
+
+
+@dataclass
+class LoadedCheckpoint:
+    path: Path
+    weights: dict[str, torch.Tensor]
+    state: dict
+    verified: str  # "manifest" or "loading" (a checkpoint written before manifests)
 
 
 def checkpoint_dir(run_dir: str | os.PathLike) -> Path:
     return Path(run_dir) / "checkpoints"
+
+
+def checkpoint_step(path: str | os.PathLike) -> int:
+    return int(_NAME.match(Path(path).name).group(1))
 
 
 def save_checkpoint(run_dir, step: int, model, weights: dict, optimizer_state: dict, state: dict,
@@ -40,6 +80,9 @@ def save_checkpoint(run_dir, step: int, model, weights: dict, optimizer_state: d
 
     `weights` is the state dict to store (as the strategy gathered it),
     `optimizer_state` the optimizer's, `state` the rest of the trainer's.
+    Checkpoints of later steps (left by a run that resumed from an older one
+    because they were damaged) are neither counted nor deleted: the run
+    replaces each when it reaches its step again.
     """
     root = checkpoint_dir(run_dir)
     root.mkdir(parents=True, exist_ok=True)
@@ -49,6 +92,7 @@ def save_checkpoint(run_dir, step: int, model, weights: dict, optimizer_state: d
         "optimizer": optimizer_state,
         "rng_cpu": torch.get_rng_state(),
         "rng_cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
+        "manifest": True,  # a missing manifest.json then means damage, not an old checkpoint
         **state,
     }
 
@@ -58,26 +102,30 @@ def save_checkpoint(run_dir, step: int, model, weights: dict, optimizer_state: d
             torch.save(full_state, f)
             f.flush()
             os.fsync(f.fileno())
+        write_manifest(directory, step)
 
     if final.exists():  # re-saving the same step (e.g. final save right after a periodic one)
         shutil.rmtree(final)
-    write_dir_atomically(final, write_files, last=STATE_FILE)
-    for old in list_checkpoints(run_dir)[:-keep_last] if keep_last > 0 else []:
-        shutil.rmtree(old, ignore_errors=True)
+    write_dir_atomically(final, write_files, last=MANIFEST_FILE)
+    if keep_last > 0:
+        done = [p for p in list_checkpoints(run_dir) if checkpoint_step(p) <= step]
+        for old in done[:-keep_last]:
+            shutil.rmtree(old, ignore_errors=True)
     return final
 
 
 def list_checkpoints(run_dir) -> list[Path]:
-    """Complete checkpoints, oldest first."""
+    """The checkpoint directories (`step_NNNNNN`), oldest first; whether each is intact is
+    for `load_newest_intact` to check (a staging directory of an interrupted write is not one)."""
     root = checkpoint_dir(run_dir)
     if not root.is_dir():
         return []
-    done = [p for p in root.iterdir() if _NAME.match(p.name) and (p / STATE_FILE).is_file()]
-    return sorted(done, key=lambda p: int(_NAME.match(p.name).group(1)))
+    done = [p for p in root.iterdir() if _NAME.match(p.name) and p.is_dir()]
+    return sorted(done, key=checkpoint_step)
 
 
 def latest_checkpoint(run_dir) -> Path | None:
-    """The newest complete checkpoint; half-written `.tmp` ones are removed."""
+    """The newest checkpoint directory (unverified); half-written `.tmp` ones are removed."""
     root = checkpoint_dir(run_dir)
     if root.is_dir():
         for p in root.glob(f".step_*{TMP_MARK}*"):
@@ -87,8 +135,152 @@ def latest_checkpoint(run_dir) -> Path | None:
     return done[-1] if done else None
 
 
-def load_trainer_state(ckpt: Path) -> dict:
-    return torch.load(ckpt / STATE_FILE, map_location="cpu", weights_only=True)
+# ------------------------------------------------------------ the manifest
+
+
+def _sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(_CHUNK):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def write_manifest(directory: str | os.PathLike, step: int) -> Path:
+    """Record the size and sha256 of every file in checkpoint `directory` in manifest.json.
+
+    Written last, after the other files are complete, so that a manifest
+    vouches for exactly what is there.
+    """
+    directory = Path(directory)
+    files = {p.name: {"size": p.stat().st_size, "sha256": _sha256(p)}
+             for p in sorted(directory.iterdir()) if p.is_file() and p.name != MANIFEST_FILE}
+    out = directory / MANIFEST_FILE
+    with open(out, "w", encoding="utf-8") as f:
+        json.dump({"format": MANIFEST_FORMAT, "step": step, "files": files}, f, indent=1)
+        f.flush()
+        os.fsync(f.fileno())
+    return out
+
+
+def _plain_name(name) -> bool:
+    """A file name inside the checkpoint (a manifest must not point elsewhere)."""
+    return isinstance(name, str) and name not in ("", ".", "..") and not set(name) & {"/", "\\"}
+
+
+def verify_manifest(ckpt: str | os.PathLike) -> bool:
+    """Check checkpoint `ckpt` against its manifest: True when every listed file has its
+    recorded size and sha256, False when there is no manifest; CheckpointError otherwise."""
+    ckpt = Path(ckpt)
+    mf = ckpt / MANIFEST_FILE
+    if not mf.is_file():
+        return False
+    try:
+        manifest = json.loads(mf.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise CheckpointError(mf, f"unreadable manifest ({type(e).__name__}: {e})") \
+            from e
+    files = manifest.get("files") if isinstance(manifest, dict) else None
+    if not isinstance(files, dict) or not files or not all(
+            _plain_name(name) and isinstance(entry, dict) and isinstance(entry.get("size"), int)
+            and isinstance(entry.get("sha256"), str) for name, entry in files.items()):
+        raise CheckpointError(mf, "not a checkpoint manifest (no valid 'files' table)")
+    for name, entry in files.items():  # sizes first: cheap, and they catch truncation
+        f = ckpt / name
+        if not f.is_file():
+            raise CheckpointError(f, "missing (the manifest lists it)")
+        size = f.stat().st_size
+        if size != entry["size"]:
+            raise CheckpointError(f, f"{size} bytes, the manifest says {entry['size']} "
+                                     "(truncated or overwritten)")
+    for name, entry in files.items():
+        if _sha256(ckpt / name) != entry["sha256"]:
+            raise CheckpointError(ckpt / name, "content does not match its sha256 in the manifest "
+                                               "(changed or corrupted after it was written)")
+    return True
+
+
+# ------------------------------------------------------------ reading
+
+
+def load_trainer_state(ckpt: str | os.PathLike) -> dict:
+    """The trainer state of checkpoint `ckpt` (torch.load, weights_only=True); CheckpointError
+    if it is missing, unreadable, refused for safety, or not a trainer state."""
+    f = Path(ckpt) / STATE_FILE
+    try:
+        state = read_torch_file(f, "PyTorch file lmlab wrote")
+    except UnreadableFile as e:
+        raise CheckpointError(f, e.reason) from None
+    if not (isinstance(state, dict) and isinstance(state.get("step"), int)
+            and isinstance(state.get("optimizer"), dict)
+            and isinstance(state.get("rng_cpu"), torch.Tensor)
+            and state["rng_cpu"].dtype == torch.uint8):
+        raise CheckpointError(f, "not a trainer state (expected step, optimizer and RNG state)")
+    return state
+
+
+def load_weights(ckpt: str | os.PathLike) -> dict[str, torch.Tensor]:
+    """The weights of checkpoint `ckpt` (safetensors); CheckpointError if unreadable."""
+    f = Path(ckpt) / WEIGHTS_FILE
+    try:
+        return read_safetensors(f)
+    except UnreadableFile as e:
+        raise CheckpointError(f, e.reason) from None
+
+
+def read_checkpoint(ckpt: str | os.PathLike) -> LoadedCheckpoint:
+    """Verify and read checkpoint `ckpt`: manifest (if any), weights, trainer state."""
+    ckpt = Path(ckpt)
+    verified = "manifest" if verify_manifest(ckpt) else "loading"
+    state = load_trainer_state(ckpt)
+    if verified == "loading" and state.get("manifest"):
+        raise CheckpointError(ckpt / MANIFEST_FILE,
+                              "missing, though this checkpoint was written with one")
+    if _NAME.match(ckpt.name) and state["step"] != checkpoint_step(ckpt):
+        raise CheckpointError(ckpt / STATE_FILE,
+                              f"holds step {state['step']}, not the {checkpoint_step(ckpt)} "
+                              "its directory is named for")
+    return LoadedCheckpoint(ckpt, load_weights(ckpt), state, verified)
+
+
+def load_newest_intact(run_dir: str | os.PathLike) -> LoadedCheckpoint | None:
+    """The newest checkpoint of `run_dir` that verifies and loads, or None if it has none.
+
+    When an older one is used, each newer, damaged one is named in a warning
+    with the reason; if every checkpoint is damaged, InputError says so on one
+    line (each one's reason) and what to do.
+    """
+    if latest_checkpoint(run_dir) is None:  # also clears the litter of interrupted writes
+        return None
+    problems: list[tuple[Path, CheckpointError]] = []
+    for path in reversed(list_checkpoints(run_dir)):
+        try:
+            loaded = read_checkpoint(path)
+        except CheckpointError as e:
+            problems.append((path, e))
+            continue
+        for bad, e in problems:
+            log.warning("checkpoint %s is damaged, not resuming from it: %s", bad,
+                        _within(e, bad))
+        if problems:
+            log.warning("resuming from %s, the newest intact checkpoint", path)
+        if loaded.verified == "loading":
+            log.warning("checkpoint %s: no manifest (written before lmlab kept one): "
+                        "verified by loading", path)
+        return loaded
+    why = "; ".join(_within(e, checkpoint_dir(run_dir)) for _, e in problems)
+    raise InputError(
+        f"{run_dir}: no intact checkpoint to resume from ({why}); start the run again with "
+        "--overwrite true (this deletes its checkpoints) or into a new --out_dir")
+
+
+def _within(e: CheckpointError, root: Path) -> str:
+    """`e` with its path relative to `root` (the checkpoint, or all of them)."""
+    try:
+        where = e.path.relative_to(root)
+    except ValueError:
+        where = e.path
+    return e.reason if where == Path(".") else f"{where}: {e.reason}"
 
 
 def restore_rng(state: dict) -> None:

@@ -18,6 +18,8 @@ from pathlib import Path
 
 import torch
 
+from lmlab.fileio import atomic_write_text
+
 log = logging.getLogger(__name__)
 
 
@@ -61,6 +63,9 @@ class MetricsLog:
         self.enabled = enabled
         self.path = self.run_dir / "metrics.jsonl"
         self.tb = None
+        # after a resume: the step resumed from and the rows (as key sets) already logged at
+        # it, so that redoing one (the final validation of a finished run) adds no duplicate
+        self._resumed_at: tuple[int, list[frozenset]] | None = None
         if enabled and tensorboard:
             try:
                 from torch.utils.tensorboard import SummaryWriter
@@ -72,6 +77,11 @@ class MetricsLog:
     def write(self, record: dict) -> None:
         if not self.enabled:
             return
+        if self._resumed_at and record.get("step") == self._resumed_at[0] \
+                and frozenset(record) in self._resumed_at[1]:
+            log.debug("metrics: step %s already has this row (logged before the resume)",
+                      record.get("step"))
+            return
         with open(self.path, "a", encoding="utf-8") as f:
             f.write(json.dumps(record) + "\n")
         if self.tb is not None:
@@ -81,12 +91,41 @@ class MetricsLog:
                     self.tb.add_scalar(k, v, step)
 
     def truncate_after(self, step: int) -> None:
-        """On resume, forget records past the checkpoint so the log reads as one run."""
-        if not (self.enabled and self.path.is_file()):
+        """On resume, forget records past the checkpoint so the log reads as one run.
+
+        Every row of a later step goes (training and validation alike: those
+        steps are redone), and so does a line that is not a JSON object (the
+        half-written last line of a killed run). The file is rewritten atomically.
+        """
+        if not self.enabled:
             return
-        keep = [line for line in self.path.read_text(encoding="utf-8").splitlines()
-                if line.strip() and json.loads(line).get("step", 0) <= step]
-        self.path.write_text("".join(line + "\n" for line in keep), encoding="utf-8")
+        self._resumed_at = (step, [])
+        if not self.path.is_file():
+            return
+        keep, dropped, bad = [], 0, 0
+        for line in self.path.read_text(encoding="utf-8", errors="replace").splitlines():
+            if not line.strip():
+                continue
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError:
+                row = None
+            if not isinstance(row, dict) or not isinstance(row.get("step", 0), (int, float)):
+                bad += 1
+                continue
+            if row.get("step", 0) > step:
+                dropped += 1
+                continue
+            keep.append(line)
+            if row.get("step", 0) == step:
+                self._resumed_at[1].append(frozenset(row))
+        if bad:
+            log.warning("%s: dropped %d unreadable line(s) (e.g. a write the last run did "
+                        "not finish)", self.path, bad)
+        if dropped:
+            log.info("%s: dropped %d row(s) after step %d, which the resumed run redoes",
+                     self.path, dropped, step)
+        atomic_write_text(self.path, "".join(line + "\n" for line in keep))
 
     def close(self) -> None:
         if self.tb is not None:

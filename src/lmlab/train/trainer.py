@@ -45,15 +45,13 @@ from pathlib import Path
 from typing import Any, Callable, Protocol
 
 import torch
-from safetensors.torch import load_file
 from torch import nn
 from torch.utils._pytree import tree_map
 
 from lmlab.config import TrainConfig
-from lmlab.errors import LmlabError
+from lmlab.errors import InputError, LmlabError
 from lmlab.model import fastpath
 from lmlab.model.loss import compiled_kernels
-from lmlab.model_io import WEIGHTS_FILE
 from lmlab.train import checkpoint as ckpt
 from lmlab.train.distributed import (Dist, all_reduce_sum, autocast, autocast_dtype,
                                      broadcast_floats, keep_freed_memory, make_strategy)
@@ -136,14 +134,27 @@ class Trainer:
     # ------------------------------------------------------------ state
 
     def resume(self) -> Path | None:
-        """Load the newest complete checkpoint of run_dir, if any; return its path."""
-        path = ckpt.latest_checkpoint(self.run_dir)
-        if path is None:
+        """Load the newest intact checkpoint of run_dir, if any; return its path.
+
+        A damaged checkpoint is named in a warning and an older one used
+        (`checkpoint.load_newest_intact`); none intact is an InputError. The
+        metrics log then forgets the rows past the step resumed from (all of
+        them when there is no checkpoint: the run starts again from step 0).
+        """
+        loaded = ckpt.load_newest_intact(self.run_dir)
+        if loaded is None:
+            self.metrics.truncate_after(0)
             return None
-        self.strategy.load_model_state(self.raw_model, load_file(str(path / WEIGHTS_FILE)), path,
+        path, state = loaded.path, loaded.state
+        self.strategy.load_model_state(self.raw_model, loaded.weights, path,
                                        partial=self.trainable_only)
-        state = ckpt.load_trainer_state(path)
-        self.strategy.load_optimizer_state(self.raw_model, self.optimizer, state["optimizer"])
+        try:
+            self.strategy.load_optimizer_state(self.raw_model, self.optimizer, state["optimizer"])
+        except (ValueError, KeyError, TypeError) as e:
+            raise InputError(
+                f"{path / ckpt.STATE_FILE}: optimizer state does not fit this model ({e}); resume "
+                "with the config the run was started with, or start over with a new --out_dir"
+            ) from None
         ckpt.restore_rng(state)
         # compute with the fast paths the saved run chose, not a new measurement's
         fastpath.adopt_decisions(json.loads(state.get("fastpath", "[]")))
