@@ -21,8 +21,17 @@ record is skipped, counted by reason in `ReadStats`, and reported as
 "path:line: what is wrong — fix" (line = 1-based line, row or record number).
 With `strict=True` the first problem raises `InputError` with that message
 instead. Reading streams: JSONL line by line, Parquet by row batch, large text
-files in parts, so memory stays bounded whatever the input (a record longer
-than `MAX_DOCUMENT_BYTES` is reported and skipped, never loaded whole).
+files in parts, so memory stays bounded whatever the input.
+
+Over-long lines are skipped: a JSONL line, a line of a text file, or the text of
+a Parquet row or JSON-array record longer than `max_line_bytes` (default
+`MAX_LINE_BYTES`, 4 MiB; `--max-line-bytes` on the CLI, `input.max_line_bytes`
+in a recipe) is reported as "path:line: line longer than ..." and skipped. A
+line is read in chunks and dropped as soon as it passes the limit, so it is
+never held whole, however long; a skipped line of a text file leaves an empty
+line in its document (the line numbers of the rest stay right). Why 4 MiB: the
+tokenizer takes about 200 bytes of memory per byte of one document (a 4 MB line
+~0.9 GB, a 50 MB line 8.6 GB), and prose lines are far shorter.
 
 Problems go to the caller's `ReadStats` (the CLI prints them); when no stats
 object is given they are logged as warnings instead, so none is ever lost.
@@ -40,12 +49,12 @@ import lzma
 import os
 import zlib
 from collections import Counter
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import BinaryIO
 
-from lmlab.errors import InputError
+from lmlab.errors import ConfigError, InputError
 
 log = logging.getLogger(__name__)
 
@@ -53,6 +62,8 @@ log = logging.getLogger(__name__)
 # Longer records are reported and skipped; plain-text files longer than this are
 # split at line boundaries into several documents, so a 10 GB .txt still streams.
 MAX_DOCUMENT_BYTES = 64 * 1024 * 1024
+# The longest line (JSONL record, line of a text file, Parquet row) read by default; see above.
+MAX_LINE_BYTES = 4 * 1024 * 1024
 
 TEXT_SUFFIXES = frozenset({
     ".txt", ".text", ".md", ".markdown", ".rst", ".tex", ".org", ".adoc",
@@ -169,8 +180,10 @@ class _Skip(Exception):
 class _Reader:
     """Reads one call's inputs; holds the stats and the strictness that every format shares."""
 
-    def __init__(self, text_field: str, id_field: str, strict: bool, stats: ReadStats | None):
+    def __init__(self, text_field: str, id_field: str, strict: bool, stats: ReadStats | None,
+                 max_line_bytes: int = MAX_LINE_BYTES):
         self.text_field, self.id_field, self.strict = text_field, id_field, strict
+        self.max_line_bytes = max_line_bytes
         self.own_stats = stats is None
         self.stats = stats if stats is not None else ReadStats()
 
@@ -183,12 +196,18 @@ class _Reader:
         self.stats.add_problem(reason, message)
         log.log(logging.WARNING if self.own_stats else logging.DEBUG, "skipped %s", message)
 
+    def line_too_long(self, reason: str, where: str, limit: int, n_bytes: int) -> None:
+        self.problem(reason, where, f"line longer than {_size(limit)} ({n_bytes:,} bytes)",
+                     "split it, or raise the limit (--max-line-bytes; in a recipe "
+                     "input.max_line_bytes)")
+
     def document(self, text, source: str, line: int | None, doc_id=None,
-                 metadata: dict | None = None) -> Document | None:
-        """A Document for `text`, or None (recorded) when it is empty or not a string."""
+                 metadata: dict | None = None, max_bytes: int | None = None) -> Document | None:
+        """A Document for `text`, or None (recorded) when it is empty, not a string, or longer
+        than `max_bytes` (UTF-8)."""
         where = f"{source}:{line}" if line is not None else source
         if not isinstance(text, str):
-            kind = "null" if text is None else f"a {_json_type(text)}"
+            kind = "null" if text is None else _a(_json_type(text))
             self.problem("text not a string", where,
                          f"field {self.text_field!r} is {kind}, not a string",
                          "give every record its text as a string")
@@ -202,6 +221,9 @@ class _Reader:
             self.problem("invalid Unicode", where,
                          f"text holds a lone surrogate {text[e.start]!r} at character {e.start}",
                          "fix the program that wrote this record (it split an emoji or CJK pair)")
+            return None
+        if max_bytes is not None and n_bytes > max_bytes:
+            self.line_too_long("record too long", where, max_bytes, n_bytes)
             return None
         self.stats.documents += 1
         self.stats.bytes += n_bytes
@@ -282,7 +304,9 @@ class _Reader:
     def read_text(self, path: Path, comp: str | None) -> Iterator[Document]:
         src = str(path)
         with _open_binary(path, comp) as f:
-            parts = _Parts(f, MAX_DOCUMENT_BYTES)
+            lines = _LongLinesDropped(f, self.max_line_bytes, lambda line, n: self.line_too_long(
+                "line too long", f"{src}:{line}", self.max_line_bytes, n))
+            parts = _Parts(lines, MAX_DOCUMENT_BYTES)
             whole = True  # a file that fits in one part is one document with line None
             for i in itertools.count():
                 try:
@@ -290,7 +314,7 @@ class _Reader:
                     if i == 0 and part is not None:
                         whole = parts.at_end()
                 except _STREAM_ERRORS as e:
-                    self.stream_error(src, e, comp, "nothing" if i == 0 else f"{i} parts")
+                    self.stream_error(src, e, comp, "nothing" if i == 0 else _count(i, "part"))
                     return
                 if part is None:
                     if i == 0:  # an empty file: nothing to read, nothing wrong
@@ -333,26 +357,28 @@ class _Reader:
                     head.lstrip(_UTF8_BOM + b" \t\r\n").startswith(b"["):
                 yield from self.read_json_array(f, src)
                 return
+            limit = min(self.max_line_bytes, MAX_DOCUMENT_BYTES)
             n = 0
             while True:
                 try:
-                    raw = f.readline(MAX_DOCUMENT_BYTES + 1)
+                    raw = f.readline(limit + 1)
                 except _STREAM_ERRORS as e:
-                    self.stream_error(f"{src}:{n + 1}", e, comp, f"{n} lines")
+                    self.stream_error(f"{src}:{n + 1}", e, comp, _count(n, "line"))
                     return
                 if not raw:
                     return
                 n += 1
-                if len(raw) > MAX_DOCUMENT_BYTES:
+                if len(raw) > limit and not raw.endswith(NL):  # more than `limit` before "\n"
+                    length = len(raw)
                     try:  # skip the rest of the line without holding it
-                        while raw and not raw.endswith(b"\n"):
+                        while raw and not raw.endswith(NL):
                             raw = f.readline(1 << 20)
+                            length += len(raw)
                     except _STREAM_ERRORS as e:
-                        self.stream_error(f"{src}:{n}", e, comp, f"{n - 1} lines")
+                        self.stream_error(f"{src}:{n}", e, comp, _count(n - 1, "line"))
                         return
-                    self.problem("record too long", f"{src}:{n}",
-                                 f"line longer than {MAX_DOCUMENT_BYTES >> 20} MiB, skipped",
-                                 "split the document into several records")
+                    self.line_too_long("record too long", f"{src}:{n}", limit,
+                                       length - raw.endswith(NL))
                     continue
                 if n == 1 and raw.startswith(_UTF8_BOM):
                     raw = raw[3:]
@@ -376,7 +402,12 @@ class _Reader:
     def read_json_array(self, f: BinaryIO, src: str) -> Iterator[Document]:
         """A .json file holding one array of records (read whole: such files are small)."""
         try:
-            data = f.read()
+            data = f.read(MAX_DOCUMENT_BYTES + 1)
+            if len(data) > MAX_DOCUMENT_BYTES:
+                self.problem("record too long", src,
+                             f"JSON array file larger than {_size(MAX_DOCUMENT_BYTES)}",
+                             "write it as JSON lines (.jsonl): one record per line")
+                return
             records = json.loads(data.decode("utf-8-sig"))
         except UnicodeDecodeError as e:
             self.decode_error(src, data, e, first_line=1)
@@ -391,14 +422,15 @@ class _Reader:
         if not isinstance(records, list):
             records = [records]
         for i, record in enumerate(records, 1):
-            doc = self.record(record, src, i)
+            doc = self.record(record, src, i, max_bytes=self.max_line_bytes)
             if doc is not None:
                 yield doc
 
-    def record(self, record, src: str, n: int) -> Document | None:
+    def record(self, record, src: str, n: int, max_bytes: int | None = None) -> Document | None:
         where = f"{src}:{n}"
         if not isinstance(record, dict):
-            self.problem("not an object", where, f"a JSON {_json_type(record)}, not an object",
+            kind = "null" if record is None else _a(f"JSON {_json_type(record)}")
+            self.problem("not an object", where, f"{kind}, not an object",
                          f'each record must be an object like {{"{self.text_field}": "..."}}')
             return None
         if self.text_field not in record:
@@ -409,7 +441,7 @@ class _Reader:
         text = record[self.text_field]
         doc_id = record.get(self.id_field)
         meta = {k: v for k, v in record.items() if k != self.text_field and k != self.id_field}
-        return self.document(text, src, n, doc_id, meta)
+        return self.document(text, src, n, doc_id, meta, max_bytes)
 
     # -- Parquet
 
@@ -458,7 +490,8 @@ class _Reader:
                 for i, text in enumerate(texts):
                     meta = {k: v[i] for k, v in columns.items()}
                     doc_id = None if ids is None else ids[i]
-                    doc = self.document(text, src, row + i + 1, doc_id, meta)
+                    doc = self.document(text, src, row + i + 1, doc_id, meta,
+                                        max_bytes=self.max_line_bytes)
                     if doc is not None:
                         yield doc
                 row += len(texts)
@@ -523,7 +556,8 @@ class _Reader:
                         yield doc
             if isinstance(fh, _GzipTail) and not fh.complete():
                 self.problem("truncated file", f"{src}:{n + 1}",
-                             f"gzip data ends inside a record (read {n} records before it)",
+                             f"gzip data ends inside a record (read {_count(n, 'record')} "
+                             "before it)",
                              "the file is truncated: download it again")
 
     def warc_record_complete(self, record, where: str) -> bool:
@@ -604,6 +638,24 @@ def _json_error(e: json.JSONDecodeError) -> str:
 def _json_type(value) -> str:
     return {dict: "object", list: "array", str: "string", bool: "boolean", int: "number",
             float: "number", type(None): "null"}.get(type(value), type(value).__name__)
+
+
+def _a(noun: str) -> str:
+    """The noun with its indefinite article: "an array", "a string"."""
+    return f"{'an' if noun[:1].lower() in 'aeiou' else 'a'} {noun}"
+
+
+def _count(n: int, noun: str) -> str:
+    """"1 line", "2 lines", "0 lines"."""
+    return f"{n:,} {noun}" + ("" if n == 1 else "s")
+
+
+def _size(n: int) -> str:
+    """A byte count as written in messages: "4 MiB", "512 KiB", "1,000 bytes"."""
+    for unit, shift in (("GiB", 30), ("MiB", 20), ("KiB", 10)):
+        if n >= 1 << shift and n % (1 << shift) == 0:
+            return f"{n >> shift} {unit}"
+    return _count(n, "byte")
 
 
 # ------------------------------------------------------------------ streams
@@ -706,6 +758,69 @@ def _open_binary(path: Path, comp: str | None) -> io.BufferedIOBase:
     return open(path, "rb", buffering=1 << 16)
 
 
+class _LongLinesDropped:
+    """A binary stream read through, each line longer than `limit` bytes (before its "\n")
+    emptied: its bytes are dropped, its newline kept, so later line numbers stay right, and
+    `skipped(line number, its length)` is called. Memory: at most `limit` bytes of one line
+    plus a chunk, however long the line. Only `read(n)`, as `_Parts` uses it.
+
+    Hand-written: no library drops over-long lines of a stream without holding them. Reads
+    chunks of at most `limit` bytes, so a line that starts and ends inside one chunk is never
+    too long: only the line spanning chunks is measured.
+    """
+
+    def __init__(self, f: BinaryIO, limit: int, skipped: Callable[[int, int], None]):
+        self.f, self.limit, self.skipped = f, limit, skipped
+        self.chunk = max(1, min(limit, 1 << 20))
+        self.line = 1             # number of the line that `held` begins
+        self.held = bytearray()   # that line so far (its newline not yet read)
+        self.dropping = 0         # > 0: that line is too long; bytes of it seen so far
+        self.out = bytearray()    # read, checked, not yet returned
+        self.eof = False
+
+    def read(self, n: int = -1) -> bytes:
+        while (n < 0 or len(self.out) < n) and not self.eof:
+            self._pump()
+        if n < 0 or n >= len(self.out):
+            data, self.out = bytes(self.out), bytearray()
+        else:
+            data = bytes(memoryview(self.out)[:n])
+            del self.out[:n]
+        return data
+
+    def _pump(self) -> None:
+        chunk = self.f.read(self.chunk)
+        if not chunk:  # the last line has no newline
+            self.eof = True
+            self._end_line(b"")
+            return
+        first = chunk.find(NL)
+        if first < 0:  # the current line goes on
+            if self.dropping:
+                self.dropping += len(chunk)
+            elif len(self.held) + len(chunk) > self.limit:
+                self.dropping, self.held = len(self.held) + len(chunk), bytearray()
+            else:
+                self.held += chunk
+            return
+        view = memoryview(chunk)
+        self._end_line(view[:first])
+        last = chunk.rfind(NL)
+        self.out += view[first:last + 1]  # its newline and whole lines (each < chunk <= limit)
+        self.line += chunk.count(NL, first, last + 1)
+        self.held = bytearray(chunk[last + 1:])
+
+    def _end_line(self, rest) -> None:
+        """The current line ends with `rest` (then its newline, or the end of the stream)."""
+        length = self.dropping + len(self.held) + len(rest)
+        if self.dropping or length > self.limit:
+            self.skipped(self.line, length)
+        else:
+            self.out += self.held
+            self.out += rest
+        self.dropping, self.held = 0, bytearray()
+
+
 class _Parts:
     """Pieces of at most `limit` bytes of a stream, cut after a newline where one exists.
 
@@ -758,19 +873,35 @@ def _utf8_cut(buf: bytes, limit: int) -> int:
 
 # ------------------------------------------------------------------ the iterator
 
+def check_max_line_bytes(value, name: str = "--max-line-bytes") -> None:
+    """Raise ConfigError unless `value` is a usable line limit (a whole number of bytes >= 1);
+    `name` is the option as the user wrote it."""
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise ConfigError(f"{name} {value!r}: must be a whole number of bytes, at least 1 "
+                          f"(default {MAX_LINE_BYTES:,}, that is {_size(MAX_LINE_BYTES)})")
+
+
 def iter_documents(paths: list[str], text_field: str = "text", id_field: str = "id",
                    strict: bool = False, stats: ReadStats | None = None,
-                   extensions: Iterable[str] | None = None) -> Iterator[Document]:
+                   extensions: Iterable[str] | None = None,
+                   max_line_bytes: int = MAX_LINE_BYTES) -> Iterator[Document]:
     """Documents from files and directories (recursive, sorted), in a deterministic order.
 
     `extensions` (e.g. [".py", ".md"]) limits which files under directories are read;
     files named explicitly are always read. Bad records are skipped and recorded in
-    `stats` ("path:line: what — fix"), or raise InputError at the first with strict=True.
-    Raises InputError at the end when no document at all was read.
+    `stats` ("path:line: what — fix"), or raise InputError at the first with strict=True;
+    so are lines (JSONL records, lines of text, Parquet rows) longer than `max_line_bytes`.
+    Raises InputError at the end when no document at all was read (and ConfigError at
+    once, before any reading, for a `max_line_bytes` below 1).
     """
+    check_max_line_bytes(max_line_bytes)
+    reader = _Reader(text_field, id_field, strict, stats, max_line_bytes)
+    return _documents(reader, paths, extensions)
+
+
+def _documents(reader: _Reader, paths, extensions) -> Iterator[Document]:
     paths = [paths] if isinstance(paths, (str, os.PathLike)) else list(paths)
     exts = _normalise_extensions(extensions)
-    reader = _Reader(text_field, id_field, strict, stats)
     before = reader.stats.documents  # a caller may reuse one ReadStats across calls
     seen: set[str] = set()
     for p in paths:
@@ -801,7 +932,7 @@ def iter_documents(paths: list[str], text_field: str = "text", id_field: str = "
         names = ", ".join(str(p) for p in list(paths)[:3]) + (" ..." if len(paths) > 3 else "")
         first = f"; first problem: {s.problems[0]}" if s.problems else ""
         raise InputError(
-            f"no documents in {names or 'the inputs'} ({s.files} files read, "
+            f"no documents in {names or 'the inputs'} ({_count(s.files, 'file')} read, "
             f"{s.skipped_total} skipped, {s.empty} empty, {s.files_ignored} of unknown type) "
             f"— give text, JSONL, Parquet, WARC or HTML files{first}")
     if reader.own_stats and s.skipped_total:

@@ -50,20 +50,23 @@ class SourceReader(PipelineStep):
     name = "lmlab sources"
 
     def __init__(self, files: list[str], problems_folder: str, text_field: str = "text",
-                 id_field: str = "id", strict: bool = False):
+                 id_field: str = "id", strict: bool = False, max_line_bytes: int | None = None):
         super().__init__()
         self.files = list(files)
         self.problems_folder = problems_folder
         self.text_field, self.id_field, self.strict = text_field, id_field, strict
+        self.max_line_bytes = max_line_bytes  # None: lmlab.data.sources.MAX_LINE_BYTES
 
     def run(self, data: DocumentsPipeline = None, rank: int = 0, world_size: int = 1) -> DocumentsPipeline:
-        from lmlab.data.sources import ReadStats, iter_documents
+        from lmlab.data.sources import MAX_LINE_BYTES, ReadStats, iter_documents
 
         shard = self.files[rank::world_size]
         stats = ReadStats()
+        limit = MAX_LINE_BYTES if self.max_line_bytes is None else self.max_line_bytes
         try:
             docs = iter_documents(shard, text_field=self.text_field, id_field=self.id_field,
-                                  strict=self.strict, stats=stats) if shard else iter(())
+                                  strict=self.strict, stats=stats,
+                                  max_line_bytes=limit) if shard else iter(())
             for d in docs:
                 self.stat_update("documents")
                 meta = dict(d.metadata or {})

@@ -127,7 +127,10 @@ def build_report(out: Path, recipe: dict, token_meta: dict | None = None,
             "language_score": score_hist,
             "duplicate_cluster_size": clusters.get("size_hist", {}),
         },
-        "duplicates": {k: v for k, v in clusters.items() if k != "size_hist"},
+        # all keys even when dedup is off (no clusters.json): readers index them
+        "duplicates": {"clusters": 0, "documents_in_clusters": 0, "removed_exact": 0,
+                       "removed_near": 0, "duplicate_lines": 0,
+                       **{k: v for k, v in clusters.items() if k != "size_hist"}},
         "tokens": token_meta or {},
         "samples": _samples(out / "excluded", int(recipe["output"]["report_samples"])),
     }
