@@ -150,7 +150,8 @@ def test_val_gets_a_document_even_from_a_tiny_corpus(tmp_path, prep_tokenizer_di
     # the one moved is the one nearest the threshold, whatever the order of the inputs
     nearest = min(CHINESE[:3], key=lambda t: split_value(text_digest(t)))
     assert decode_split(tmp_path / "s", "val", tok) == [nearest]
-    prepare([str(f) for f in files[::-1]], prep_tokenizer_dir, tmp_path / "s", val_fraction=1e-9)
+    prepare([str(f) for f in files[::-1]], prep_tokenizer_dir, tmp_path / "s", val_fraction=1e-9,
+            overwrite=True)  # another order of the inputs is another output
     assert decode_split(tmp_path / "s", "val", tok) == [nearest]
     # val_fraction 0: no val split at all
     r = prepare([str(src)], prep_tokenizer_dir, tmp_path / "s0", val_fraction=0)
@@ -185,19 +186,23 @@ def test_output_replaces_a_shard_dir_atomically_and_refuses_others(tmp_path, pre
     umask = os.umask(0)
     os.umask(umask)
     assert out.stat().st_mode & 0o777 == 0o777 & ~umask  # not a private temp dir's 0700
-    # a failed run leaves the previous output whole
+    # other inputs are another output: refused without overwrite, the old one untouched
+    with pytest.raises(InputError, match="other inputs"):
+        prepare([str(d / "records.jsonl")], prep_tokenizer_dir, out)
+    assert read_meta(out) == first
+    # a failed run leaves the previous output whole, even with overwrite
     with pytest.raises(InputError):
-        prepare([str(tmp_path / "missing")], prep_tokenizer_dir, out)
+        prepare([str(tmp_path / "missing")], prep_tokenizer_dir, out, overwrite=True)
     assert read_meta(out) == first
     # a successful one replaces it
-    prepare([str(d / "records.jsonl")], prep_tokenizer_dir, out)
+    prepare([str(d / "records.jsonl")], prep_tokenizer_dir, out, overwrite=True)
     assert read_meta(out)["documents"] < first["documents"]
     assert sorted(p.name for p in tmp_path.iterdir()) == ["corpus", "shards"]
     # a directory holding anything else is never replaced
     other = tmp_path / "mine"
     other.mkdir()
     (other / "notes.txt").write_text("keep me")
-    with pytest.raises(InputError, match="not token shards"):
+    with pytest.raises(InputError, match="already holds 1 file"):
         prepare([str(d)], prep_tokenizer_dir, other)
     assert (other / "notes.txt").read_text() == "keep me"
 

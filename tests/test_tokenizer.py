@@ -102,7 +102,7 @@ def test_cli_train(tmp_path):
     assert tok.decode(tok.encode("你好世界 hello")) == "你好世界 hello"
     # a missing input is one clear line and exit code 2
     r = subprocess.run([sys.executable, "-m", "lmlab.cli", "tokenizer", "train", "--input",
-                        str(tmp_path / "missing.txt"), "--out", str(out)],
+                        str(tmp_path / "missing.txt"), "--out", str(tmp_path / "tok2")],
                        capture_output=True, text=True)
     assert r.returncode == 2 and "Traceback" not in r.stderr and "missing.txt" in r.stderr
 

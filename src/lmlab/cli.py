@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import re
 import sys
 import time
 from pathlib import Path
@@ -23,7 +24,7 @@ from jsonargparse import DefaultHelpFormatter
 from rich.console import Console
 from rich.table import Table
 
-from lmlab.errors import LmlabError
+from lmlab.errors import ConfigError, InputError, LmlabError
 
 console = Console(stderr=True, highlight=False)
 out = Console(highlight=False)
@@ -35,8 +36,26 @@ class _Formatter(DefaultHelpFormatter, RawDescriptionHelpFormatter):
     """Keep the line breaks of descriptions, so examples print as written."""
 
 
-def ArgumentParser(**kw) -> _ArgumentParser:
-    return _ArgumentParser(formatter_class=_Formatter, **kw)
+class ArgumentParser(_ArgumentParser):
+    """jsonargparse's parser, whose errors are one line (no usage text above them)."""
+
+    def __init__(self, **kw):
+        super().__init__(formatter_class=_Formatter, **kw)
+
+    def error(self, message: str, ex: Exception | None = None):
+        parser = getattr(ex, "subcommand_parser", None) or self
+        prog = parser.prog.replace(" [options]", "")
+        console.print(f"[red]error:[/red] {_one_line(message)} (see {prog} --help)",
+                      markup=True, highlight=False, soft_wrap=True)
+        sys.exit(2)
+
+
+def _one_line(message: str) -> str:
+    """jsonargparse's multi-line messages as one line, in the words of a field and a value."""
+    m = re.sub(r'Parser key "([^"]+)":\s*', r"\1: ", message)
+    m = re.sub(r"Expected a <class '(\w+)'>\. Got value: (.*)", r"expected \1, got \2", m)
+    m = re.sub(r"Expected a <class '(\w+)'>", r"expected \1", m)
+    return "; ".join(line.strip() for line in m.strip().splitlines() if line.strip())
 
 
 def command(name: str):
@@ -53,8 +72,9 @@ def progress_bar(total=None, count: bool = True):
     cols += ([MofNCompleteColumn()] if count else []) + [TaskProgressColumn()] if total else []
     cols += [TextColumn("{task.fields[info]}"), TimeElapsedColumn()]
     cols += [TimeRemainingColumn()] if total else []
-    # transient: the bar gives way to the summary table (or the one-line error) when done
-    return Progress(*cols, console=console, transient=True)
+    # transient: the bar gives way to the summary table (or the one-line error) when done;
+    # off when stderr is not a terminal (a log file would get a frozen frame of it)
+    return Progress(*cols, console=console, transient=True, disable=not console.is_terminal)
 
 
 def summary_table(title: str, rows: list[tuple[str, object]]) -> Table:
@@ -71,8 +91,14 @@ def summary_table(title: str, rows: list[tuple[str, object]]) -> Table:
 @command("tokenizer.train")
 def cmd_tokenizer_train(a) -> int:
     from lmlab.data.sources import ReadStats, iter_documents
+    from lmlab.outputs import absolute, claim_output_dir
     from lmlab.tokenizer import train_tokenizer
 
+    claim = claim_output_dir(a.out, "tokenizer train", reads=a.input, overwrite=a.overwrite,
+                             inputs={"input": [absolute(p) for p in a.input],
+                                     "vocab_size": a.vocab_size, "min_frequency": a.min_frequency,
+                                     "text_field": a.text_field,
+                                     "max_line_bytes": a.max_line_bytes})
     stats = ReadStats()
     t0 = time.time()
     with progress_bar() as bar:
@@ -80,18 +106,22 @@ def cmd_tokenizer_train(a) -> int:
 
         def texts():
             for i, doc in enumerate(iter_documents(a.input, text_field=a.text_field,
-                                                   strict=a.strict, stats=stats)):
+                                                   strict=a.strict, stats=stats,
+                                                   max_line_bytes=a.max_line_bytes)):
                 if i % 200 == 0:
                     bar.update(task, completed=i, info=f"{stats.bytes / 1e6:.1f} MB")
                 yield doc.text
 
         tok = train_tokenizer(texts(), a.vocab_size, min_frequency=a.min_frequency)
-    tok.save(a.out)
+    tok.save(a.out, replace=claim.replace)
+    claim.record()
     _print_read_problems(stats)
+    vocab = (f"{tok.vocab_size:,}" if tok.vocab_size == a.vocab_size else
+             f"{tok.vocab_size:,} (of {a.vocab_size:,} asked: the corpus has no more merges)")
     out.print(summary_table(f"tokenizer → {a.out}", [
         ("documents", stats.documents),
         ("bytes", stats.bytes),
-        ("vocab size", tok.vocab_size),
+        ("vocab size", vocab),
         ("special tokens", " ".join(_special_tokens())),
         ("seconds", f"{time.time() - t0:.1f}"),
     ]))
@@ -124,7 +154,8 @@ def cmd_data_prepare(a) -> int:
             bar.update(task, completed=n_docs, info=f"{n_bytes / 1e6:.1f} MB")
 
         r = prepare(a.input, a.tokenizer, a.out, val_fraction=a.val_fraction, workers=a.workers,
-                    text_field=a.text_field, strict=a.strict, seed=a.seed, progress=on_progress)
+                    text_field=a.text_field, strict=a.strict, seed=a.seed, progress=on_progress,
+                    overwrite=a.overwrite, max_line_bytes=a.max_line_bytes)
     _print_read_problems(r.stats)
     out.print(summary_table(f"token shards → {a.out}", r.summary_rows()))
     return 0
@@ -150,7 +181,8 @@ def cmd_data_process(a) -> int:
                                 f"{st['bytes'] / 1e6:,.1f} MB")
 
         report = run_recipe(a.recipe, a.input, a.out, workers=a.workers, executor=a.executor,
-                            tokenizer_dir=a.tokenizer, progress=on_progress)
+                            tokenizer_dir=a.tokenizer, progress=on_progress,
+                            overwrite=a.overwrite)
     if "submitted" in report:
         out.print(f"submitted {len(report['submitted'])} Slurm job(s); the last one writes "
                   f"{a.out}/report.html")
@@ -266,7 +298,7 @@ def cmd_quickstart(a) -> int:
 
     with TrainingDisplay() as display:
         s = quickstart(corpus=a.corpus, minutes=a.minutes, out=a.out, device=a.device,
-                       callback=display)
+                       callback=display, overwrite=a.overwrite)
     rows = [("parameters", s["params"]), ("tokens seen", s["tokens_seen"]),
             ("tokens/s", f"{s['tokens_per_sec']:,.0f}"), ("MFU", f"{s['mfu']:.1%}"),
             ("val loss", f"{s['val_loss']:.4f}"),
@@ -293,11 +325,15 @@ def cmd_generate(a) -> int:
     from lmlab.infer import stream_text
     from lmlab.train.distributed import pick_device
 
+    if a.max_new_tokens < 1:
+        raise ConfigError(f"--max-new-tokens {a.max_new_tokens}: must be at least 1")
     lm = lmlab.load(a.model, device=str(pick_device(a.device)))
     t0, text = time.time(), []
+    # arguments are checked here, before the prompt is echoed
+    pieces = stream_text(lm.model, lm.tokenizer, a.prompt, max_new_tokens=a.max_new_tokens,
+                         temperature=a.temperature, top_k=a.top_k, top_p=a.top_p, seed=a.seed)
     out.print(a.prompt, end="", style="bold", markup=False, highlight=False)
-    for piece in stream_text(lm.model, lm.tokenizer, a.prompt, max_new_tokens=a.max_new_tokens,
-                             temperature=a.temperature, top_k=a.top_k, top_p=a.top_p, seed=a.seed):
+    for piece in pieces:
         out.print(piece, end="", markup=False, highlight=False, soft_wrap=True)
         out.file.flush()
         text.append(piece)
@@ -312,7 +348,7 @@ def cmd_generate(a) -> int:
 def cmd_export_hf(a) -> int:
     from lmlab.interop.hf import export_hf
 
-    export_hf(a.model, a.out)
+    export_hf(a.model, a.out, overwrite=a.overwrite)
     arch = json.loads((Path(a.out) / "config.json").read_text())["architectures"][0]
     out.print(f"wrote {arch} to {a.out}; load it with "
               f"transformers.AutoModelForCausalLM.from_pretrained({str(a.out)!r})", soft_wrap=True)
@@ -325,7 +361,7 @@ def cmd_import_hf(a) -> int:
 
     from lmlab.model_io import read_model_config
 
-    import_hf(a.hf_dir, a.out)
+    import_hf(a.hf_dir, a.out, overwrite=a.overwrite)
     _, cfg = read_model_config(a.out)
     out.print(f"wrote an lmlab model ({cfg['n_layer']} layers, d_model {cfg['d_model']}, "
               f"{cfg['pos_emb']} positions) to {a.out}; try: lmlab generate --model {a.out}",
@@ -341,6 +377,16 @@ def _add_reader_args(p) -> None:
                    help="files or directories (.txt .md .py .jsonl[.gz|.zst] .parquet .warc .html)")
     p.add_argument("--text-field", type=str, default="text", help="JSONL/Parquet text field")
     p.add_argument("--strict", action="store_true", help="stop at the first bad record")
+    from lmlab.data.sources import MAX_LINE_BYTES
+
+    p.add_argument("--max-line-bytes", type=int, default=MAX_LINE_BYTES,
+                   help="longer lines (JSONL records, lines of text) are reported and skipped")
+
+
+def _add_overwrite_arg(p) -> None:
+    p.add_argument("--overwrite", action="store_true",
+                   help="replace what the output directory holds (refused without it, unless it "
+                        "is this command's output of the same inputs)")
 
 
 def build_parser() -> ArgumentParser:
@@ -360,6 +406,7 @@ def build_parser() -> ArgumentParser:
     t.add_argument("--vocab-size", type=int, default=8192)
     t.add_argument("--out", type=str, required=True, help="output directory")
     t.add_argument("--min-frequency", type=int, default=2)
+    _add_overwrite_arg(t)
     tok_sub.add_subcommand("train", t, help="train a byte-level BPE tokenizer")
 
     # lmlab data prepare
@@ -376,6 +423,7 @@ def build_parser() -> ArgumentParser:
     d.add_argument("--workers", type=int | None, default=None,
                    help="tokenizer processes (default: tokenize in this process on all cores)")
     d.add_argument("--seed", type=int, default=0, help="seed of the train/val split")
+    _add_overwrite_arg(d)
     data_sub.add_subcommand("prepare", d, help="read, deduplicate, tokenize into shards")
     dp = ArgumentParser(
         description="Clean a raw corpus with a recipe: normalise, language-id, quality filters, "
@@ -390,12 +438,14 @@ def build_parser() -> ArgumentParser:
     dp.add_argument("--tokenizer", type=str | None, default=None,
                     help="write token shards with this tokenizer")
     dp.add_argument("--verbose", action="store_true", help="show datatrove's task logs")
+    _add_overwrite_arg(dp)
     data_sub.add_subcommand("process", dp, help="clean, filter, deduplicate with a recipe")
 
     e = ArgumentParser(description="Write a Hugging Face transformers directory.\n\n"
                                    "example: lmlab export-hf runs/quickstart hf-model/")
     e.add_argument("model", type=str, help="lmlab model directory")
     e.add_argument("out", type=str)
+    _add_overwrite_arg(e)
     sub.add_subcommand("export-hf", e, help="write a Hugging Face transformers directory")
 
     from jsonargparse import ActionConfigFile
@@ -421,6 +471,7 @@ def build_parser() -> ArgumentParser:
                    help="time budget for the whole run (tokenizer, shards, training, evaluation)")
     q.add_argument("--out", type=str, default="runs/quickstart")
     q.add_argument("--device", type=str, default="auto")
+    _add_overwrite_arg(q)
     sub.add_subcommand("quickstart", q, help="the whole pipeline in one bounded run")
 
     g = ArgumentParser(description="Continue a prompt with a trained model, streaming the text.\n\n"
@@ -441,6 +492,7 @@ def build_parser() -> ArgumentParser:
                                    "example: lmlab import-hf ~/models/Qwen2-0.5B qwen2/")
     i.add_argument("hf_dir", type=str)
     i.add_argument("out", type=str)
+    _add_overwrite_arg(i)
     sub.add_subcommand("import-hf", i, help="convert a Hugging Face directory to lmlab")
     return p
 
@@ -454,23 +506,45 @@ def _command_name(cfg) -> str:
     return name
 
 
+def _check_config_files(argv: list[str]) -> None:
+    """A --config file jsonargparse cannot decode fails inside it with a traceback: say so first."""
+    for i, arg in enumerate(argv):
+        path = argv[i + 1] if arg == "--config" and i + 1 < len(argv) else (
+            arg.split("=", 1)[1] if arg.startswith("--config=") else None)
+        if path and Path(path).is_file():
+            try:
+                Path(path).read_bytes().decode("utf-8")
+            except UnicodeDecodeError as e:
+                raise InputError(f"{path}: not UTF-8 text (byte {e.start}); save the config "
+                                 "as UTF-8 YAML") from None
+
+
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else list(argv)
+    try:
+        return _main(argv)
+    except LmlabError as e:
+        console.print(f"[red]error:[/red] {e}", highlight=False, markup=True, soft_wrap=True)
+        return e.exit_code
+    except KeyboardInterrupt:  # Ctrl-C at any moment, building the parser included
+        console.print("interrupted")
+        return 130
+
+
+def _main(argv: list[str]) -> int:
     parser = build_parser()
+    if not argv:
+        parser.print_help()
+        return 0
+    _check_config_files(argv)
     cfg = parser.parse_args(argv)
     logging.basicConfig(level=logging.DEBUG if cfg.verbose else logging.WARNING,
-                        format="%(levelname)s %(name)s: %(message)s")
+                        format="%(levelname)s %(name)s: %(message)s", force=True)
     name = _command_name(cfg)
     args = cfg[name.split(".")[0]]
     if "." in name:
         args = args[name.split(".")[1]]
-    try:
-        return COMMANDS[name](args) or 0
-    except LmlabError as e:
-        console.print(f"[red]error:[/red] {e}", highlight=False, markup=True, soft_wrap=True)
-        return e.exit_code
-    except KeyboardInterrupt:
-        console.print("interrupted")
-        return 130
+    return COMMANDS[name](args) or 0
 
 
 if __name__ == "__main__":

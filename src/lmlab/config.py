@@ -20,6 +20,7 @@ from typing import Literal, Optional
 
 import yaml
 
+from lmlab.checks import check_fields
 from lmlab.model import DEFAULT_KIND, build_from_spec
 from lmlab.model.config import ModelConfig
 
@@ -77,6 +78,13 @@ class TrainConfig:
     compile: bool = False  # torch.compile the model
     nonfinite: Literal["stop", "skip"] = "stop"  # on a NaN/inf loss or gradient
 
+    def __post_init__(self) -> None:
+        check_fields(self, "train.", batch_size=">=1", grad_accum=">=1", max_steps=">=1",
+                     max_minutes=">0", lr=">0", min_lr_ratio="[0,1]", warmup_steps=">=0",
+                     weight_decay=">=0", beta1="[0,1)", beta2="[0,1)", grad_clip=">=0",
+                     eval_every=">=0", eval_tokens=">=0", log_every=">=1",
+                     checkpoint_every=">=0", keep_checkpoints=">=1")
+
 
 @dataclass
 class PretrainConfig:
@@ -85,8 +93,12 @@ class PretrainConfig:
     out_dir: str = "runs/pretrain"
     seq_len: Optional[int] = None  # default: model.max_seq_len
     resume: bool = False  # continue from the newest checkpoint in out_dir
+    overwrite: bool = False  # replace what out_dir holds (its checkpoints too) and start again
     model: ModelSpec = field(default_factory=ModelSpec)
     train: TrainConfig = field(default_factory=TrainConfig)
+
+    def __post_init__(self) -> None:
+        check_fields(self, "", seq_len=">=1")
 
 
 def to_yaml(cfg) -> str:

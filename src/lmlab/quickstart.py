@@ -25,9 +25,10 @@ import torch
 
 from lmlab.config import ModelSpec, PretrainConfig, TrainConfig
 from lmlab.data.shards import TokenShards, read_meta
-from lmlab.errors import InputError
+from lmlab.errors import ConfigError, InputError
 from lmlab.eval import baselines
 from lmlab.fileio import atomic_write_text
+from lmlab.outputs import absolute, claim_output_dir, read_marker
 from lmlab.tokenizer import Tokenizer
 from lmlab.train.distributed import pick_device
 
@@ -91,8 +92,13 @@ FINISH_RESERVE_S = 20.0
 
 
 def quickstart(corpus: list[str] | None = None, minutes: float = 10.0, out: str = "runs/quickstart",
-               device: str = "auto", workers: int | None = None, callback=None) -> dict:
-    """Run the whole pipeline within `minutes` (all stages); return and write OUT/summary.json."""
+               device: str = "auto", workers: int | None = None, callback=None,
+               overwrite: bool = False) -> dict:
+    """Run the whole pipeline within `minutes` (all stages); return and write OUT/summary.json.
+
+    Run again into the same `out` on the same corpus, it continues there (the tokenizer
+    and shards are kept, training resumes); an `out` holding anything else is refused
+    unless `overwrite`."""
     from lmlab.data.prepare import prepare
     from lmlab.data.sources import iter_documents
     from lmlab.infer.generate import generate_text
@@ -100,8 +106,18 @@ def quickstart(corpus: list[str] | None = None, minutes: float = 10.0, out: str 
     from lmlab.train.pretrain import pretrain
 
     cb = callback or (lambda event, data: None)
+    if not minutes > 0:
+        raise ConfigError(f"--minutes {minutes}: must be above 0")
     out_dir = Path(out)
-    out_dir.mkdir(parents=True, exist_ok=True)
+    # a quickstart directory written before outputs carried a marker continues as before
+    legacy = (read_marker(out_dir) is None and (out_dir / "tokenizer" / "tokenizer.json").is_file()
+              and (out_dir / "shards" / "meta.json").is_file())
+    claim = claim_output_dir(out_dir, "quickstart", reads=corpus or (), overwrite=overwrite,
+                             resume=legacy and not overwrite, inputs={
+                                 "corpus": [absolute(p) for p in corpus] if corpus else "stdlib"})
+    if claim.replace:
+        claim.clear()
+    claim.record()
     inputs = corpus or stdlib_files()
     plan = plan_for(pick_device(device))
     t_start = time.time()
@@ -138,7 +154,7 @@ def quickstart(corpus: list[str] | None = None, minutes: float = 10.0, out: str 
         cfg.resume = True
     cb("stage", {"name": f"pretrain ({train_minutes:.1f} min)", "minutes": train_minutes,
                  "data_minutes": spent})
-    result = pretrain(cfg, callback=callback)
+    result = pretrain(cfg, callback=callback, claim=claim)
 
     val_bytes = split_text_bytes(shard_dir, tokenizer, "val")
     cb("stage", {"name": "compressors", "bytes": len(val_bytes)})

@@ -25,7 +25,8 @@
    on a 2-core machine, the pool was ~30% slower and used ~60% more CPU in all,
    so it is not the default; it may pay on many cores when reading is the slow
    part. Order is kept either way, so the shards are byte-identical for any
-   `workers`.
+   `workers`. The worker processes ignore Ctrl-C (this process stops them) and
+   die with this process, even when it is killed outright (`lmlab.procs`).
 5. Write with `TokenShardWriter` into a temporary directory beside `out_dir`
    and rename it into place at the end: an interrupted run leaves the old output
    (or nothing), never a half-written one. An existing `out_dir` is replaced only
@@ -38,7 +39,6 @@ from __future__ import annotations
 
 import logging
 import os
-import re
 import time
 from collections import deque
 from collections.abc import Callable, Iterable, Iterator
@@ -50,6 +50,7 @@ from pathlib import Path
 
 import numpy as np
 
+from lmlab import procs
 from lmlab.data.shards import (
     TokenShardWriter,
     TrainValSplitter,
@@ -57,16 +58,22 @@ from lmlab.data.shards import (
     split_value,
     text_digest,
 )
-from lmlab.data.sources import Document, ReadStats, iter_documents
-from lmlab.errors import ConfigError, InputError
+from lmlab.data.sources import (
+    MAX_LINE_BYTES,
+    Document,
+    ReadStats,
+    check_max_line_bytes,
+    iter_documents,
+)
+from lmlab.errors import ConfigError
 from lmlab.fileio import write_dir_atomically
+from lmlab.outputs import absolute, claim_output_dir
 from lmlab.tokenizer import Tokenizer
 
 log = logging.getLogger(__name__)
 
 BATCH_DOCS = 512            # documents per tokenizer batch ...
 BATCH_BYTES = 2 * 1024**2   # ... or this much text, whichever comes first
-_SHARD_FILE = re.compile(r"^\w+_\d{5}\.bin$")
 
 
 @dataclass
@@ -115,6 +122,10 @@ def _worker_encode(texts: list[str]) -> list[np.ndarray]:
     return _encode(_worker_tok, texts, _worker_dtype)
 
 
+def _noop() -> None:
+    pass
+
+
 def _encode_in_order(tok: Tokenizer, tokenizer_dir: str, batches: Iterable, workers: int,
                      dtype) -> Iterator[tuple[object, list[np.ndarray]]]:
     """(batch, token arrays) for each (batch, texts), in order, at most 2×workers batches ahead.
@@ -128,20 +139,31 @@ def _encode_in_order(tok: Tokenizer, tokenizer_dir: str, batches: Iterable, work
         pool = ThreadPoolExecutor(1)
         encode = partial(_encode, tok, dtype=dtype)
     else:
-        # spawn, not fork: forking after the Rust thread pool has started can deadlock
+        # spawn, not fork: forking after the Rust thread pool has started can deadlock.
+        # Each worker ignores Ctrl-C and dies with this process (lmlab.procs.init_worker).
         pool = ProcessPoolExecutor(workers, mp_context=get_context("spawn"),
-                                   initializer=_worker_init, initargs=(tokenizer_dir, dtype.str))
+                                   initializer=procs.init_worker,
+                                   initargs=(os.getpid(), _worker_init, tokenizer_dir, dtype.str))
         encode = _worker_encode
+        # all started now, with SIGINT blocked, so that none takes a Ctrl-C while it imports
+        # (the executor starts one process per submit while none is idle)
+        with procs.sigint_blocked():
+            for _ in range(workers):
+                pool.submit(_noop)
     with pool:
         pending: deque[tuple[object, Future]] = deque()
-        for batch, texts in batches:
-            pending.append((batch, pool.submit(encode, texts)))
-            if len(pending) >= 2 * max(1, workers):
+        try:
+            for batch, texts in batches:
+                pending.append((batch, pool.submit(encode, texts)))
+                if len(pending) >= 2 * max(1, workers):
+                    b, fut = pending.popleft()
+                    yield b, fut.result()
+            while pending:
                 b, fut = pending.popleft()
                 yield b, fut.result()
-        while pending:
-            b, fut = pending.popleft()
-            yield b, fut.result()
+        except BaseException:  # Ctrl-C, an error, or the consumer gone: drop the queued batches
+            pool.shutdown(wait=True, cancel_futures=True)
+            raise
 
 
 @dataclass
@@ -174,40 +196,34 @@ def _unique_batches(docs: Iterator[Document], stats: ReadStats, seed: int,
         yield _Batch(values, stats.documents, stats.bytes), texts
 
 
-# ------------------------------------------------------------------ output directory
-
-def _check_out_dir(out: Path) -> None:
-    """Refuse to replace anything but a (possibly incomplete) token-shard directory."""
-    if not out.exists():
-        return
-    if not out.is_dir():
-        raise InputError(f"{out}: exists and is not a directory — choose another --out")
-    strangers = [p.name for p in out.iterdir()
-                 if not (p.name == "meta.json" or p.name.startswith(".")
-                         or _SHARD_FILE.match(p.name))]
-    if strangers:
-        raise InputError(f"{out}: exists and holds files that are not token shards "
-                         f"({', '.join(strangers[:3])}) — choose a new or empty --out directory")
-
-
 # ------------------------------------------------------------------ prepare
 
 def prepare(inputs: list[str], tokenizer_dir: str | os.PathLike, out_dir: str | os.PathLike,
             val_fraction: float = 0.005, workers: int | None = None, text_field: str = "text",
             strict: bool = False, seed: int = 0,
-            progress: Callable[[int, int], None] | None = None) -> PrepareResult:
-    """Read, deduplicate, split and tokenize `inputs` into a token-shard directory `out_dir`."""
+            progress: Callable[[int, int], None] | None = None,
+            overwrite: bool = False, max_line_bytes: int = MAX_LINE_BYTES) -> PrepareResult:
+    """Read, deduplicate, split and tokenize `inputs` into a token-shard directory `out_dir`.
+
+    An existing `out_dir` is replaced only if it holds this command's shards of the same
+    inputs, or with `overwrite` (`lmlab.outputs.claim_output_dir`)."""
     t0 = time.perf_counter()
     if not 0 <= val_fraction < 1:
         raise ConfigError(f"--val-fraction {val_fraction}: must be at least 0 and below 1")
     if workers is not None and workers < 1:
         raise ConfigError(f"--workers {workers}: must be at least 1")
+    check_max_line_bytes(max_line_bytes)
     inputs = [str(inputs)] if isinstance(inputs, (str, os.PathLike)) else [str(p) for p in inputs]
     n_workers = workers or 1
+    claim = claim_output_dir(out_dir, "data prepare", reads=[*inputs, tokenizer_dir],
+                             overwrite=overwrite, inputs={
+                                 "input": [absolute(p) for p in inputs],
+                                 "tokenizer": absolute(tokenizer_dir), "val_fraction": val_fraction,
+                                 "seed": seed, "text_field": text_field,
+                                 "max_line_bytes": max_line_bytes})
     tok = Tokenizer.load(tokenizer_dir)
     dtype = dtype_for_vocab(tok.vocab_size)
     out = Path(out_dir)
-    _check_out_dir(out)
     out.parent.mkdir(parents=True, exist_ok=True)
 
     stats = ReadStats()
@@ -220,7 +236,8 @@ def prepare(inputs: list[str], tokenizer_dir: str | os.PathLike, out_dir: str | 
         with TokenShardWriter(tmp, tok.vocab_size, tok.eos_id, tokenizer_hash=tok.hash,
                               extra_meta=extra) as writer:
             splitter = TrainValSplitter(writer, val_fraction)
-            docs = iter_documents(inputs, text_field=text_field, strict=strict, stats=stats)
+            docs = iter_documents(inputs, text_field=text_field, strict=strict, stats=stats,
+                                  max_line_bytes=max_line_bytes)
             batches = _unique_batches(docs, stats, seed, counts)
             encoded = _encode_in_order(tok, str(tokenizer_dir), batches, n_workers, dtype)
             for batch, arrays in encoded:
@@ -234,6 +251,7 @@ def prepare(inputs: list[str], tokenizer_dir: str | os.PathLike, out_dir: str | 
     # a shard directory is replaced whole: the old output stays whole until the new one is
     # complete, and no old shard survives beside new ones
     write_dir_atomically(out, write_shards, last=None, replace=True)
+    claim.record()
     meta = written["meta"]
     if progress is not None:
         progress(stats.documents, stats.bytes)

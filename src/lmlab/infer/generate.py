@@ -267,9 +267,15 @@ def stream_text(model: nn.Module, tokenizer, prompt: str, max_new_tokens: int = 
     stops = kwargs["eos_id"]
     stops = set() if stops is None else ({stops} if isinstance(stops, int) else set(stops))
     ids = tokenizer.encode(prompt) or [_start_id(tokenizer)]
+    # generate checks its arguments now, so that a bad one fails before any text is shown
+    tokens = generate(model, ids, max_new_tokens, **kwargs)
+    return _pieces(tokenizer, tokens, stops if kwargs.get("stop_at_eos", True) else set())
+
+
+def _pieces(tokenizer, tokens: Iterator[int], stops: set[int]) -> Iterator[str]:
     streamer = TextStreamer(tokenizer)
-    for tok in generate(model, ids, max_new_tokens, **kwargs):
-        if tok in stops and kwargs.get("stop_at_eos", True):
+    for tok in tokens:
+        if tok in stops:
             break
         piece = streamer.put(tok)
         if piece:

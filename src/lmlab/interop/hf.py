@@ -46,10 +46,11 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save_file
 
 from lmlab.errors import ConfigError, InputError
 from lmlab.fileio import write_dir_atomically
+from lmlab.outputs import absolute, claim_output_dir
 from lmlab.model import ModelConfig, build_model
 from lmlab.model_io import (
     CONFIG_FILE,
@@ -60,6 +61,8 @@ from lmlab.model_io import (
     is_model_config,
     load_model_dir,
     load_state_dict_strict,
+    read_safetensors,
+    read_torch_file,
     save_model_dir,
 )
 from lmlab.tokenizer.bpe import GENERATION_CONFIG, TOKENIZER_FILE, Tokenizer
@@ -432,17 +435,16 @@ def _read_json(path: Path) -> dict[str, Any]:
 
 
 def _load_torch_file(path: Path) -> dict[str, torch.Tensor]:
-    try:
-        return torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:  # pickle errors have many types; all mean "not a plain state dict"
-        raise InputError(f"{path}: not a loadable tensor checkpoint ({type(e).__name__}: {e}); "
-                         "convert it to safetensors") from e
+    state = read_torch_file(path, "PyTorch weights file")
+    if not isinstance(state, dict):
+        raise InputError(f"{path}: holds a {type(state).__name__}, not a state dict of tensors")
+    return state
 
 
 def load_hf_state_dict(hf_dir: str | os.PathLike) -> dict[str, torch.Tensor]:
     """All weights of a Hugging Face model directory, single-file or sharded."""
     root = Path(hf_dir)
-    for index_name, load in (("model.safetensors.index.json", lambda p: load_file(str(p))),
+    for index_name, load in (("model.safetensors.index.json", read_safetensors),
                              ("pytorch_model.bin.index.json", _load_torch_file)):
         single = root / index_name.removesuffix(".index.json")
         if single.is_file():
@@ -459,9 +461,14 @@ def load_hf_state_dict(hf_dir: str | os.PathLike) -> dict[str, torch.Tensor]:
                      "or pytorch_model.bin)")
 
 
-def import_hf(hf_dir: str | os.PathLike, out_dir: str | os.PathLike) -> Path:
-    """Convert a Hugging Face model directory into an lmlab model directory at `out_dir`."""
+def import_hf(hf_dir: str | os.PathLike, out_dir: str | os.PathLike,
+              overwrite: bool = False) -> Path:
+    """Convert a Hugging Face model directory into an lmlab model directory at `out_dir`
+    (an existing `out_dir` only if it holds this import of the same directory, or with
+    `overwrite`: see `lmlab.outputs`)."""
     root = Path(hf_dir)
+    claim = claim_output_dir(out_dir, "import-hf", {"hf_dir": absolute(root)}, reads=[root],
+                             overwrite=overwrite)
     if not (root / CONFIG_FILE).is_file():
         raise InputError(f"{root}: no {CONFIG_FILE}; expected a Hugging Face model directory")
     hf_config = _read_json(root / CONFIG_FILE)
@@ -497,7 +504,9 @@ def import_hf(hf_dir: str | os.PathLike, out_dir: str | os.PathLike) -> Path:
             (directory / GENERATION_CONFIG).write_text(generation, encoding="utf-8")
 
     # save_model_dir fills the staging directory; it then appears at out_dir whole
-    return write_dir_atomically(out_dir, write_files, last=CONFIG_FILE)
+    out = write_dir_atomically(out_dir, write_files, last=CONFIG_FILE, replace=True)
+    claim.record()
+    return out
 
 
 def _generation_config_text(root: Path, hf_config: dict[str, Any]) -> str | None:
@@ -529,9 +538,14 @@ def _generation_config(root: Path, tokenizer: Tokenizer | None) -> dict[str, Any
     return config
 
 
-def export_hf(model_dir: str | os.PathLike, out_dir: str | os.PathLike) -> Path:
-    """Write the lmlab model directory `model_dir` as a Hugging Face model directory."""
+def export_hf(model_dir: str | os.PathLike, out_dir: str | os.PathLike,
+              overwrite: bool = False) -> Path:
+    """Write the lmlab model directory `model_dir` as a Hugging Face model directory
+    (an existing `out_dir` only if it holds this export of the same model, or with
+    `overwrite`: see `lmlab.outputs`)."""
     root = Path(model_dir)
+    claim = claim_output_dir(out_dir, "export-hf", {"model": absolute(root)}, reads=[root],
+                             overwrite=overwrite)
     model = load_model_dir(root)
     try:
         hf_config, state = to_hf_state_dict(model)
@@ -557,4 +571,6 @@ def export_hf(model_dir: str | os.PathLike, out_dir: str | os.PathLike) -> Path:
         with open(directory / CONFIG_FILE, "w", encoding="utf-8") as f:
             json.dump(hf_config, f, indent=2)
 
-    return write_dir_atomically(out_dir, write_files, last=CONFIG_FILE)
+    out = write_dir_atomically(out_dir, write_files, last=CONFIG_FILE, replace=True)
+    claim.record()
+    return out

@@ -21,6 +21,7 @@ import dataclasses
 from dataclasses import dataclass
 from typing import Any, Literal
 
+from lmlab.checks import check_fields
 from lmlab.errors import ConfigError
 
 
@@ -48,6 +49,10 @@ class ModelConfig:
     init_std: float = 0.02
 
     def __post_init__(self) -> None:
+        check_fields(self, "model.", vocab_size=">=1", n_layer=">=1", n_head=">=1",
+                     n_kv_head=">=1", d_model=">=1", d_ff=">=1", head_dim=">=1",
+                     max_seq_len=">=1", norm_eps=">0", rope_theta=">0", dropout="[0,1)",
+                     init_std=">=0")
         if self.n_kv_head is None:
             self.n_kv_head = self.n_head
         if self.qkv_bias is None:

@@ -205,8 +205,9 @@ class Tokenizer:
         return {TOKENIZER_CONFIG: json.dumps(config, indent=2, ensure_ascii=False),
                 SPECIAL_TOKENS_MAP: json.dumps(special_map, indent=2)}
 
-    def save(self, out_dir: str | os.PathLike) -> None:
-        """Write tokenizer.json and its config files as one atomic update of `out_dir`.
+    def save(self, out_dir: str | os.PathLike, replace: bool = False) -> None:
+        """Write tokenizer.json and its config files as one atomic update of `out_dir`
+        (with `replace`, `out_dir` is replaced whole: nothing else it held stays).
 
         The config files `load` read come back unchanged (a Hugging Face tokenizer keeps
         its chat template and settings); a tokenizer without them gets lmlab's.
@@ -220,7 +221,7 @@ class Tokenizer:
             for name, text in files.items():
                 (directory / name).write_text(text, encoding="utf-8")
 
-        out = write_dir_atomically(out_dir, write, last=TOKENIZER_FILE)
+        out = write_dir_atomically(out_dir, write, last=TOKENIZER_FILE, replace=replace)
         self.path = str(out)
 
     @classmethod
@@ -342,6 +343,8 @@ def train_tokenizer(texts: Iterable[str], vocab_size: int, min_frequency: int = 
                     show_progress: bool = False, length: int | None = None) -> Tokenizer:
     """Learn BPE merges from an iterator of documents (runs on all cores in Rust)."""
     n_min = 256 + len(SPECIAL_TOKENS)
+    if min_frequency < 1:
+        raise InputError(f"--min-frequency {min_frequency}: must be >= 1")
     if vocab_size < n_min:
         raise InputError(f"--vocab-size {vocab_size} is too small: byte-level BPE needs at least "
                          f"{n_min} (256 bytes + {len(SPECIAL_TOKENS)} special tokens)")
@@ -354,6 +357,10 @@ def train_tokenizer(texts: Iterable[str], vocab_size: int, min_frequency: int = 
         show_progress=show_progress,
     )
     tok.train_from_iterator(_batches(texts), trainer=trainer, length=length)
+    if tok.get_vocab_size() < vocab_size:
+        logger.warning("the tokenizer has %d tokens, not the %d asked: the corpus offers no more "
+                    "merges of pairs seen at least %d times", tok.get_vocab_size(), vocab_size,
+                    min_frequency)
     return Tokenizer(tok)
 
 

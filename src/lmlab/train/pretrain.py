@@ -13,6 +13,7 @@ compressors such as xz; see `lmlab.eval`).
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 from pathlib import Path
 
@@ -24,6 +25,7 @@ from lmlab.data.shards import TokenShards
 from lmlab.errors import ConfigError, InputError
 from lmlab.eval import bits_per_byte, perplexity
 from lmlab.model_io import has_tokenizer_files
+from lmlab.outputs import absolute
 from lmlab.tokenizer import Tokenizer
 from lmlab.train.runner import RunResult, run_task
 
@@ -89,8 +91,10 @@ def resolve_tokenizer_dir(cfg: PretrainConfig) -> str:
                       "(the directory `lmlab tokenizer train --out` wrote)")
 
 
-def pretrain(cfg: PretrainConfig, callback=None) -> RunResult:
-    """Train a model from scratch (or resume) as `cfg` says; run under torchrun for DDP."""
+def pretrain(cfg: PretrainConfig, callback=None, claim=None) -> RunResult:
+    """Train a model from scratch (or resume) as `cfg` says; run under torchrun for DDP.
+
+    `claim`: the caller's claim on `cfg.out_dir` (`lmlab.outputs`), if it made one."""
     tok_dir = resolve_tokenizer_dir(cfg)
     tokenizer = Tokenizer.load(tok_dir)
     train = TokenShards(cfg.data, "train")
@@ -101,9 +105,12 @@ def pretrain(cfg: PretrainConfig, callback=None) -> RunResult:
 
     torch.manual_seed(cfg.train.seed)  # the initial weights
     model = cfg.model.build_model(vocab_size=tokenizer.vocab_size)
-    if model.vocab_size < tokenizer.vocab_size:
-        raise ConfigError(f"model.vocab_size={model.vocab_size} < the tokenizer's "
-                          f"{tokenizer.vocab_size}")
+    if model.vocab_size != tokenizer.vocab_size:
+        why = ("its ids would not fit" if model.vocab_size < tokenizer.vocab_size else
+               "the extra rows are never trained")
+        raise ConfigError(f"model.vocab_size: {model.vocab_size} is not the tokenizer's "
+                          f"{tokenizer.vocab_size} tokens ({tok_dir}) and {why}; leave "
+                          "model.vocab_size unset to take the tokenizer's")
     seq_len = cfg.seq_len or model.max_seq_len
     if seq_len is None:
         raise ConfigError(f"model kind {model.kind!r} has no max_seq_len; set --seq_len")
@@ -114,5 +121,11 @@ def pretrain(cfg: PretrainConfig, callback=None) -> RunResult:
                                 tokenizer.token_byte_lengths(), cfg.train.seed,
                                 cfg.train.eval_tokens or None)
     flops = model.flops_per_token(seq_len) if hasattr(model, "flops_per_token") else 0.0
+    # what defines the run: everything in its config but where it goes and how it starts
+    inputs = {k: v for k, v in dataclasses.asdict(cfg).items()
+              if k not in ("out_dir", "resume", "overwrite")}
+    inputs.update(data=absolute(cfg.data), tokenizer=absolute(tok_dir))
     return run_task(model, task, cfg.train, cfg.out_dir, resume=cfg.resume, run_config=cfg,
-                    tokenizer_dir=tok_dir, callback=callback, flops_per_token=flops)
+                    tokenizer_dir=tok_dir, callback=callback, flops_per_token=flops,
+                    command="pretrain", inputs=inputs, reads=(cfg.data, tok_dir),
+                    overwrite=cfg.overwrite, claim=claim)

@@ -4,7 +4,8 @@ A task (pretraining, classification, SFT, ...) builds its model and its data
 and hands both here. `run_task` does the rest, the same way for every task:
 
     join the torchrun process group (or run as one process) and pick the device
-    refuse an output directory that already holds checkpoints, unless resuming
+    claim the output directory: refuse one that holds anything but this run
+    (checkpoints included), unless resuming or overwriting
     write the resolved run config (config.yaml) next to the outputs
     build the Trainer (strategy, optimizer, compilation) and resume if asked
     run the loop; then save the final model directory, plot the loss curve
@@ -21,6 +22,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
@@ -31,6 +33,7 @@ from lmlab.config import TrainConfig, to_yaml
 from lmlab.errors import ConfigError
 from lmlab.fileio import atomic_write_text
 from lmlab.model_io import save_model_dir
+from lmlab.outputs import OutputClaim, claim_output_dir
 from lmlab.train.checkpoint import list_checkpoints
 from lmlab.train.distributed import init_distributed, shutdown_distributed
 from lmlab.train.metrics import plot_loss_curve
@@ -52,20 +55,39 @@ class RunResult:
 def run_task(model: nn.Module, task: Task, train: TrainConfig, out_dir: str | Path, *,
              resume: bool = False, run_config: Any = None, tokenizer_dir: str | None = None,
              callback: Callable[[str, dict], None] | None = None, flops_per_token: float = 0.0,
-             trainable_only: bool = False) -> RunResult:
+             trainable_only: bool = False, command: str = "train",
+             inputs: dict | None = None, reads: tuple = (), overwrite: bool = False,
+             claim: OutputClaim | None = None) -> RunResult:
     """Train `model` on `task` under `train` into `out_dir`; run under torchrun for DDP.
 
     `run_config` (a dataclass, default `train`) is written as config.yaml.
     `flops_per_token` feeds MFU (0: not reported). Returns when the run ends —
     finished, at its time limit, or interrupted by a signal (then with a
     checkpoint to resume from).
+
+    `out_dir` is claimed first (`lmlab.outputs.claim_output_dir`, as `command` of
+    `inputs`, never inside one of `reads`): one holding anything but this run is
+    refused unless `resume` or `overwrite` (which empties it first); a caller that
+    claimed it already (the quickstart's directory) passes its `claim`.
     """
     run_dir = Path(out_dir)
-    if run_dir.exists() and not run_dir.is_dir():
-        raise ConfigError(f"{run_dir}: exists and is not a directory; choose another output path")
+    is_main = int(os.environ.get("RANK", "0")) == 0  # only rank 0 changes the directory
+    if claim is None:
+        claim = claim_output_dir(run_dir, command, inputs, reads=reads, overwrite=overwrite,
+                                 resume=resume, flag="--out_dir",
+                                 overwrite_flag="--overwrite true",
+                                 resume_hint="--resume true to continue its training")
+        if is_main and not resume and claim.state in ("same", "overwrite"):
+            # a fresh run: what an earlier run of this directory left goes (with "same", only
+            # a run that never reached a checkpoint: one with checkpoints is refused below)
+            if claim.state == "overwrite" or not list_checkpoints(run_dir):
+                claim.state = "overwrite"
+                claim.clear()
     if not resume and list_checkpoints(run_dir):
-        raise ConfigError(f"{run_dir} already holds checkpoints; pass --resume to continue that "
-                          "run, or choose another --out_dir")
+        raise ConfigError(f"{run_dir}: already holds checkpoints; pass --resume true to continue "
+                          "that run, --overwrite true to start it again, or choose another --out_dir")
+    if is_main:
+        claim.record()
     d = init_distributed(train.device)
     try:
         if d.is_main:

@@ -22,13 +22,16 @@ from pathlib import Path
 
 import yaml
 
+from lmlab.data.sources import MAX_LINE_BYTES, check_max_line_bytes
 from lmlab.errors import ConfigError
 
 # Every stage has `enabled`. Filter sections hold the keyword arguments of the
 # datatrove block they configure (checked against its signature in `validate`).
 DEFAULTS: dict = {
     "name": "custom",
-    "input": {"text_field": "text", "id_field": "id", "strict": False},
+    # max_line_bytes: longer lines (JSONL records, lines of text) are reported and skipped
+    "input": {"text_field": "text", "id_field": "id", "strict": False,
+              "max_line_bytes": MAX_LINE_BYTES},
     "normalize": {
         "enabled": True,
         "nfkc": True,
@@ -114,6 +117,8 @@ def _merge(base: dict, over: dict, path: tuple) -> dict:
         if path == ("quality",) and k in _FILTER_KEYS:
             if not isinstance(v, dict):
                 raise ConfigError(f"recipe: quality.{k} must be a mapping, got {v!r}")
+            for name, value in v.items():
+                _check_type(out.get(k, {}).get(name), value, here + (name,))
             out[k] = {**out.get(k, {}), **v}
         elif k not in base and path not in _OPEN:
             known = ", ".join(sorted(base))
@@ -123,8 +128,24 @@ def _merge(base: dict, over: dict, path: tuple) -> dict:
                 raise ConfigError(f"recipe: {'.'.join(here)} must be a mapping, got {v!r}")
             out[k] = _merge(base[k], v, here)
         else:
+            _check_type(base.get(k), v, here)
             out[k] = v
     return out
+
+
+def _check_type(default, value, here: tuple) -> None:
+    """A value takes its default's type: a number stays a number, a switch true/false."""
+    where = ".".join(map(str, here))
+    if isinstance(default, bool):
+        if not isinstance(value, bool):
+            raise ConfigError(f"recipe: {where}: {value!r} is not true or false")
+    elif isinstance(default, (int, float)):
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise ConfigError(f"recipe: {where}: {value!r} is not a number")
+    elif isinstance(default, str) and not isinstance(value, str):
+        raise ConfigError(f"recipe: {where}: {value!r} is not a string")
+    elif isinstance(default, list) and not isinstance(value, list):
+        raise ConfigError(f"recipe: {where}: {value!r} is not a list")
 
 
 def _shipped_dir():
@@ -141,7 +162,11 @@ def _recipe_text(recipe: str | os.PathLike) -> tuple[str, str]:
     """(where it came from, YAML text): a file if one exists at `recipe`, else a shipped recipe."""
     path = Path(recipe)
     if path.is_file():
-        return str(path), path.read_text(encoding="utf-8")
+        try:
+            return str(path), path.read_text(encoding="utf-8")
+        except UnicodeDecodeError as e:
+            raise ConfigError(f"{path}: not UTF-8 text (byte {e.start}); save the recipe as "
+                              "UTF-8 YAML") from None
     names = shipped_recipes()
     if str(recipe) in names:
         shipped = _shipped_dir().joinpath(f"{recipe}.yaml")
@@ -157,32 +182,46 @@ def _recipe_text(recipe: str | os.PathLike) -> tuple[str, str]:
 def load_recipe(recipe: str | os.PathLike | dict) -> dict:
     """A recipe (file path, shipped recipe name, or mapping) merged over DEFAULTS and validated."""
     if isinstance(recipe, dict):
-        data = recipe
+        data, path = recipe, None
     else:
         path, text = _recipe_text(recipe)
         try:
             data = yaml.safe_load(text) or {}
         except yaml.YAMLError as e:
-            raise ConfigError(f"{path}: not valid YAML ({e})") from None
+            mark = getattr(e, "problem_mark", None)
+            where = f"line {mark.line + 1}, column {mark.column + 1}: " if mark else ""
+            what = getattr(e, "problem", None) or str(e).splitlines()[0]
+            raise ConfigError(f"{path}: not valid YAML ({where}{what}); fix the recipe") from None
         if not isinstance(data, dict):
             raise ConfigError(f"{path}: a recipe is a mapping of sections, got {type(data).__name__}")
-    merged = _merge(DEFAULTS, data, ())
-    validate(merged)
+    try:
+        merged = _merge(DEFAULTS, data, ())
+        validate(merged)
+    except ConfigError as e:
+        if path is None:
+            raise
+        raise ConfigError(f"{path}: {str(e).removeprefix('recipe: ')}") from None
     return merged
 
 
 def _check_kwargs(section: str, cls, kwargs: dict) -> None:
-    allowed = set(inspect.signature(cls.__init__).parameters) - {"self", "exclusion_writer", "language"}
+    params = inspect.signature(cls.__init__).parameters
+    allowed = set(params) - {"self", "exclusion_writer", "language"}
     bad = sorted(set(kwargs) - allowed)
     if bad:
         raise ConfigError(f"recipe: quality.{section} has unknown threshold(s) {bad}; "
                           f"{cls.__name__} takes {sorted(allowed)}")
+    for name, value in kwargs.items():  # a threshold takes the type of the filter's default
+        default = params[name].default
+        if default is not inspect.Parameter.empty and default is not None:
+            _check_type(default, value, ("quality", section, name))
 
 
 def validate(r: dict) -> None:
     """Raise ConfigError for values that cannot work (types, ranges, combinations)."""
     from lmlab.data.pipeline.quality import FILTER_CLASSES
 
+    check_max_line_bytes(r["input"]["max_line_bytes"], "recipe: input.max_line_bytes")
     for name, section in r["quality"].items():
         if name not in FILTER_CLASSES:
             raise ConfigError(f"recipe: unknown quality filter {name!r} (known: {sorted(FILTER_CLASSES)})")

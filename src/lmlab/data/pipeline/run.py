@@ -25,14 +25,17 @@ Output layout under `out_dir`:
 from __future__ import annotations
 
 import logging
+import os
 import threading
 import time
 from collections.abc import Callable
 from pathlib import Path
 
 import yaml
+from datatrove.executor import LocalPipelineExecutor
 from datatrove.pipeline.writers import JsonlWriter
 
+from lmlab import procs
 from lmlab.data.pipeline.decontam import DecontaminationFilter
 from lmlab.data.pipeline.dedup import (
     BandBuckets,
@@ -51,6 +54,7 @@ from lmlab.data.pipeline.recipe import load_recipe
 from lmlab.data.pipeline.tokens import TokenShardStep, merge_token_shards
 from lmlab.errors import ConfigError, InputError
 from lmlab.fileio import atomic_write_text
+from lmlab.outputs import absolute, claim_output_dir
 
 log = logging.getLogger(__name__)
 
@@ -124,7 +128,8 @@ class _Builder:
         r, L, steps = self.r, self.L, []
         inp = r["input"]
         self.metered(steps, "read", SourceReader(files, str(L.read), inp["text_field"], inp["id_field"],
-                                                 inp["strict"]), histogram=True)
+                                                 inp["strict"], inp["max_line_bytes"]),
+                     histogram=True)
         n = r["normalize"]
         if n["enabled"]:
             self.metered(steps, "normalize", Normalizer(
@@ -175,18 +180,65 @@ def _preload_workers() -> None:
         import multiprocess.forkserver as fs
     except ImportError:
         return
-    fs.set_forkserver_preload(["lmlab.data.pipeline.run"])
+    from lmlab.data.pipeline import forkserver
+
+    # the server and its workers die with this process and ignore Ctrl-C (forkserver.py);
+    # started here, with SIGINT blocked, so that no Ctrl-C reaches it while it imports. The
+    # variable naming this process is set for the start only: no later child inherits it
+    fs.set_forkserver_preload(["lmlab.data.pipeline.forkserver", "lmlab.data.pipeline.run"])
+    old = os.environ.get(forkserver.PARENT_ENV)
+    os.environ[forkserver.PARENT_ENV] = str(os.getpid())
+    try:
+        with procs.sigint_blocked():
+            fs.ensure_running()
+    finally:
+        if old is None:
+            del os.environ[forkserver.PARENT_ENV]
+        else:
+            os.environ[forkserver.PARENT_ENV] = old
+
+
+def _loguru_enabled(module: str) -> bool:
+    """Whether loguru lets records of `module` through in this process: off after
+    `logger.disable(module)` (the CLI's way of hiding datatrove's lines without --verbose).
+
+    loguru has no public getter for this, so its activation list is read the way loguru
+    reads it (most specific prefix first); a loguru without one counts as enabled.
+    """
+    from loguru import logger
+
+    name = module + "."
+    for prefix, enabled in getattr(getattr(logger, "_core", None), "activation_list", None) or ():
+        if name[: len(prefix)] == prefix:
+            return bool(enabled)
+    return True
+
+
+class _LocalExecutor(LocalPipelineExecutor):
+    """datatrove's local executor, whose tasks keep datatrove's log lines off in the worker
+    processes too when they are off here (`datatrove_logs=False`): a worker is a fresh
+    interpreter (forked by the fork server), where loguru starts with everything on."""
+
+    def __init__(self, *args, datatrove_logs: bool = True, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.datatrove_logs = datatrove_logs
+
+    def _run_for_rank(self, rank: int, local_rank: int = 0, node_rank: int = -1):
+        if not self.datatrove_logs:  # before the task's logger setup logs its first line
+            from loguru import logger
+
+            logger.disable("datatrove")
+        return super()._run_for_rank(rank, local_rank, node_rank)
 
 
 def _executor(kind: str, recipe: dict, pipeline: list, tasks: int, workers: int, logs: Path,
               name: str, depends=None):
     if kind == "local":
-        from datatrove.executor import LocalPipelineExecutor
-
         if workers > 1 and tasks > 1:
             _preload_workers()
-        return LocalPipelineExecutor(pipeline, tasks=tasks, workers=max(1, min(workers, tasks)),
-                                     logging_dir=str(logs / name), depends=depends)
+        return _LocalExecutor(pipeline, tasks=tasks, workers=max(1, min(workers, tasks)),
+                              logging_dir=str(logs / name), depends=depends,
+                              datatrove_logs=_loguru_enabled("datatrove"))
     if kind == "ray":
         from datatrove.executor import RayPipelineExecutor
 
@@ -251,7 +303,7 @@ def _watch(layout: _Layout, phase: str, progress: Callable, stop: threading.Even
 
 def run_recipe(recipe_path_or_dict, inputs: list[str], out_dir: str, workers: int = 1,
                executor: str = "local", tokenizer_dir: str | None = None,
-               progress: Callable[[dict], None] | None = None) -> dict:
+               progress: Callable[[dict], None] | None = None, overwrite: bool = False) -> dict:
     """Run a data recipe over the input files; returns the report (also written to out_dir).
 
     progress, if given, is called from a background thread of this process about
@@ -259,6 +311,10 @@ def run_recipe(recipe_path_or_dict, inputs: list[str], out_dir: str, workers: in
     "bytes"}}} — cumulative counts over all tasks, from which a caller shows
     documents/s per stage. With executor "slurm" the jobs are submitted and this
     returns {"submitted": [...]}: the last job writes the report.
+
+    Rerunning the same recipe on the same inputs into the same `out_dir` resumes it
+    (finished tasks are kept); an `out_dir` holding anything else is refused unless
+    `overwrite` (`lmlab.outputs.claim_output_dir`).
     """
     recipe = load_recipe(recipe_path_or_dict)
     _cheap_task_loggers()
@@ -279,12 +335,19 @@ def run_recipe(recipe_path_or_dict, inputs: list[str], out_dir: str, workers: in
         tok["enabled"] = True
 
     files = expand_inputs(inputs)
+    tasks = recipe["executor"]["tasks"] or workers
+    tasks = max(1, min(int(tasks), len(files)))
+    # the same recipe, files and task count resume; anything else is another output
+    claim = claim_output_dir(out_dir, "data process", reads=[*inputs, tokenizer_dir],
+                             overwrite=overwrite, inputs={
+                                 "recipe": recipe, "input": [absolute(f) for f in files],
+                                 "tasks": tasks})
+    claim.clear()
+    claim.record()
     L = _Layout(Path(out_dir).resolve())
     L.work.mkdir(parents=True, exist_ok=True)
     atomic_write_text(L.out / "recipe.yaml",
                       yaml.safe_dump(recipe, sort_keys=False, allow_unicode=True))
-    tasks = recipe["executor"]["tasks"] or workers
-    tasks = max(1, min(int(tasks), len(files)))
 
     b = _Builder(L, recipe)
     exact_on = recipe["dedup"]["exact"]["enabled"]
@@ -336,7 +399,9 @@ def run_recipe(recipe_path_or_dict, inputs: list[str], out_dir: str, workers: in
             watcher.start()
         t0 = time.perf_counter()
         try:
-            _executor(executor, recipe, steps, n, workers, L.logs, name).run()
+            # datatrove's Manager process is forked from this one: it must die with it too
+            with procs.forked_children_die_with_us():
+                _executor(executor, recipe, steps, n, workers, L.logs, name).run()
             finalize.seconds[name] = round(time.perf_counter() - t0, 3)
         finally:
             stop.set()
