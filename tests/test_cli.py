@@ -17,7 +17,8 @@ def lmlab(*args, **kw):
 
 @pytest.mark.parametrize("cmd", [["tokenizer", "train"], ["data", "prepare"], ["data", "process"],
                                  ["pretrain"], ["generate"], ["quickstart"], ["export-hf"],
-                                 ["import-hf"]])
+                                 ["import-hf"], ["eval"], ["finetune", "classify"],
+                                 ["classify"], ["data", "zh-corpus"]])
 def test_every_command_has_help_with_an_example(cmd):
     r = lmlab(*cmd, "--help")
     assert r.returncode == 0 and "example: lmlab" in r.stdout.replace("\n", " ")

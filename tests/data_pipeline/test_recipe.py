@@ -9,18 +9,18 @@ from lmlab.errors import ConfigError
 RECIPES = Path(__file__).resolve().parents[2] / "src" / "lmlab" / "data" / "recipes"
 
 
-@pytest.mark.parametrize("name", ["web-en", "web-zh", "code"])
+@pytest.mark.parametrize("name", ["web-en", "web-zh", "code", "zh-pretrain"])
 def test_shipped_recipes_load(name):
     assert load_recipe(name)["name"] == name  # a shipped recipe by name
     assert load_recipe(RECIPES / f"{name}.yaml")["name"] == name  # or by path
 
 
 def test_a_recipe_is_a_file_first_then_a_shipped_name(tmp_path, monkeypatch):
-    assert shipped_recipes() == ["code", "web-en", "web-zh"]
+    assert shipped_recipes() == ["code", "web-en", "web-zh", "zh-pretrain"]
     monkeypatch.chdir(tmp_path)
     (tmp_path / "web-en").write_text("name: mine\n")
     assert load_recipe("web-en")["name"] == "mine"  # a file of that name wins
-    with pytest.raises(ConfigError, match="nor a shipped recipe .code, web-en, web-zh."):
+    with pytest.raises(ConfigError, match="nor a shipped recipe .code, web-en, web-zh, zh-pretrain."):
         load_recipe("web-fr")
     # the path the shipped recipes had before they became package data says where they are now
     with pytest.raises(ConfigError, match="pass its name, --recipe web-zh"):

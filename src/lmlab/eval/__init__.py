@@ -21,13 +21,23 @@ loss (`reduction="row_sum"` of `lmlab.model.loss.linear_cross_entropy`), so
 the full logits are never made.
 
 The modules: `measures` (perplexity, bits_per_byte), `baselines` (the
-compressors), `logprobs` (sequence_logprobs). Nothing here imports torch at
-import time.
+compressors), `logprobs` (sequence_logprobs), `metrics` (classification,
+McNemar, exact match, BLEU, chrF, ROUGE: scikit-learn, scipy, sacrebleu,
+rouge-score), `tasks` (the JSONL task format, multiple-choice / generation /
+classification scoring, the shipped tasks), `report` (`report_card`: all of
+it for one model or two, as JSON, Markdown and HTML). Nothing here imports
+torch at import time (nor the `lmlab[eval]` libraries: each loads on first use).
 """
 
 from lmlab.eval.baselines import COMPRESSORS, baselines, compress, compressor_bits_per_byte
 from lmlab.eval.logprobs import sequence_logprobs
 from lmlab.eval.measures import bits_per_byte, perplexity
+from lmlab.eval.metrics import (bleu, chrf, classification_metrics, exact_match,
+                                generation_metrics, mcnemar, rouge)
+from lmlab.eval.report import report_card
+from lmlab.eval.tasks import Task, build_shipped_tasks, evaluate_task, load_task, shipped_tasks
 
-__all__ = ["COMPRESSORS", "baselines", "bits_per_byte", "compress", "compressor_bits_per_byte",
-           "perplexity", "sequence_logprobs"]
+__all__ = ["COMPRESSORS", "Task", "baselines", "bits_per_byte", "bleu", "build_shipped_tasks",
+           "chrf", "classification_metrics", "compress", "compressor_bits_per_byte",
+           "evaluate_task", "exact_match", "generation_metrics", "load_task", "mcnemar",
+           "perplexity", "report_card", "rouge", "sequence_logprobs", "shipped_tasks"]

@@ -94,6 +94,11 @@ def generate(model, prompt_ids, max_new_tokens, *, temperature=1.0, top_k=None, 
     fails at the call. The model's parameters give the device and dtype; call
     `model.eval()` first (dropout is not switched off here).
     """
+    if not hasattr(model, "decode_step"):
+        hint = ("it is a classifier: `lmlab classify --model DIR --input FILE`"
+                if getattr(model, "labels", None) is not None else "it has no decode_step")
+        raise GenerationError(f"model kind {getattr(model, 'kind', '?')!r} does not generate "
+                              f"text; {hint}")
     rows, single = _as_rows(prompt_ids)
     check_sampling_args(temperature, top_k, top_p)
     n_new = _budget(model, rows, max_new_tokens)

@@ -85,6 +85,8 @@ def build_from_spec(kind: str, fields: dict[str, Any]) -> nn.Module:
 # imported last: the Transformer registers itself with the functions above
 from lmlab.model.config import PRESETS, ModelConfig, preset  # noqa: E402
 from lmlab.model.transformer import KVCache, Transformer  # noqa: E402
+from lmlab.model.classifier import LSTMClassifier, SequenceClassifier  # noqa: E402
 
-__all__ = ["ModelConfig", "preset", "PRESETS", "Transformer", "KVCache", "register_kind",
+__all__ = ["ModelConfig", "preset", "PRESETS", "Transformer", "KVCache", "LSTMClassifier",
+           "SequenceClassifier", "register_kind",
            "model_class", "model_kinds", "build_model", "build_from_spec", "DEFAULT_KIND"]

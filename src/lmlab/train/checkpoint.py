@@ -114,6 +114,28 @@ def save_checkpoint(run_dir, step: int, model, weights: dict, optimizer_state: d
     return final
 
 
+BEST_DIR, BEST_FILE = "best", "best.json"
+
+
+def save_best(run_dir, model, weights: dict, best: dict, tokenizer_dir=None) -> Path:
+    """Write RUN/best/: a model directory of the best validation's weights, with best.json
+    ({"metric", "value", "step"}) beside them; replaced whole each time it improves."""
+    def write_files(directory: Path) -> None:
+        write_model_files(directory, model, tokenizer_dir, weights)
+        (directory / BEST_FILE).write_text(json.dumps(best, indent=2), encoding="utf-8")
+
+    return write_dir_atomically(Path(run_dir) / BEST_DIR, write_files, last=BEST_FILE,
+                                replace=True)
+
+
+def read_best(run_dir) -> tuple[dict, dict[str, torch.Tensor]] | None:
+    """(best.json, weights) of RUN/best/, or None if the run kept none."""
+    d = Path(run_dir) / BEST_DIR
+    if not (d / BEST_FILE).is_file():
+        return None
+    return json.loads((d / BEST_FILE).read_text(encoding="utf-8")), read_safetensors(d / WEIGHTS_FILE)
+
+
 def list_checkpoints(run_dir) -> list[Path]:
     """The checkpoint directories (`step_NNNNNN`), oldest first; whether each is intact is
     for `load_newest_intact` to check (a staging directory of an interrupted write is not one)."""

@@ -34,7 +34,7 @@ from lmlab.errors import ConfigError
 from lmlab.fileio import atomic_write_text
 from lmlab.model_io import save_model_dir
 from lmlab.outputs import OutputClaim, claim_output_dir
-from lmlab.train.checkpoint import list_checkpoints
+from lmlab.train.checkpoint import list_checkpoints, read_best
 from lmlab.train.distributed import init_distributed, shutdown_distributed
 from lmlab.train.metrics import plot_loss_curve
 from lmlab.train.trainer import FitResult, Task, Trainer
@@ -50,6 +50,36 @@ class RunResult:
     model_config: dict
     loss_png: Path | None
     kind: str = ""
+    best: dict | None = None  # {"metric", "value", "step"} when the task keeps its best weights
+
+
+def claim_run_dir(run_dir: str | Path, command: str = "train", inputs: dict | None = None,
+                  reads: tuple = (), overwrite: bool = False, resume: bool = False) -> OutputClaim:
+    """Claim a training run's directory (`lmlab.outputs.claim_output_dir`): refused if it holds
+    anything but this run unless `resume` or `overwrite`; a fresh start (not `resume`) empties
+    what an earlier run of it left. A task that writes into the run directory before training
+    (a tokenizer it trains) claims it first and hands the claim to `run_task`."""
+    run_dir = Path(run_dir)
+    is_main = int(os.environ.get("RANK", "0")) == 0  # only rank 0 changes the directory
+    claim = claim_output_dir(run_dir, command, inputs, reads=reads, overwrite=overwrite,
+                             resume=resume, flag="--out_dir", overwrite_flag="--overwrite true",
+                             resume_hint="--resume true to continue its training")
+    if is_main and not resume and claim.state in ("same", "overwrite"):
+        # a fresh run: what an earlier run of this directory left goes (with "same", only a
+        # run that never reached a checkpoint: one with checkpoints is refused below)
+        if claim.state == "overwrite" or not list_checkpoints(run_dir):
+            claim.state = "overwrite"
+            claim.clear()
+    _refuse_checkpoints(run_dir, resume)
+    if is_main:
+        claim.record()
+    return claim
+
+
+def _refuse_checkpoints(run_dir: Path, resume: bool) -> None:
+    if not resume and list_checkpoints(run_dir):
+        raise ConfigError(f"{run_dir}: already holds checkpoints; pass --resume true to continue "
+                          "that run, --overwrite true to start it again, or choose another --out_dir")
 
 
 def run_task(model: nn.Module, task: Task, train: TrainConfig, out_dir: str | Path, *,
@@ -71,23 +101,10 @@ def run_task(model: nn.Module, task: Task, train: TrainConfig, out_dir: str | Pa
     claimed it already (the quickstart's directory) passes its `claim`.
     """
     run_dir = Path(out_dir)
-    is_main = int(os.environ.get("RANK", "0")) == 0  # only rank 0 changes the directory
     if claim is None:
-        claim = claim_output_dir(run_dir, command, inputs, reads=reads, overwrite=overwrite,
-                                 resume=resume, flag="--out_dir",
-                                 overwrite_flag="--overwrite true",
-                                 resume_hint="--resume true to continue its training")
-        if is_main and not resume and claim.state in ("same", "overwrite"):
-            # a fresh run: what an earlier run of this directory left goes (with "same", only
-            # a run that never reached a checkpoint: one with checkpoints is refused below)
-            if claim.state == "overwrite" or not list_checkpoints(run_dir):
-                claim.state = "overwrite"
-                claim.clear()
-    if not resume and list_checkpoints(run_dir):
-        raise ConfigError(f"{run_dir}: already holds checkpoints; pass --resume true to continue "
-                          "that run, --overwrite true to start it again, or choose another --out_dir")
-    if is_main:
-        claim.record()
+        claim_run_dir(run_dir, command, inputs, reads, overwrite, resume)
+    else:
+        _refuse_checkpoints(run_dir, resume)
     d = init_distributed(train.device)
     try:
         if d.is_main:
@@ -103,11 +120,18 @@ def run_task(model: nn.Module, task: Task, train: TrainConfig, out_dir: str | Pa
         result = trainer.fit()
         weights = trainer.model_state()  # gathered on every rank, written by rank 0
         png = None
+        if d.is_main and trainer.best is not None:  # the task keeps its best validation's
+            best = read_best(run_dir)
+            if best is not None and best[0].get("step") == trainer.best["step"]:
+                weights = best[1]
+                log.info("the model directory holds the weights of step %d (best %s %.4f)",
+                         trainer.best["step"], trainer.best["metric"], trainer.best["value"])
         if d.is_main:
             save_model_dir(trainer.raw_model, run_dir, tokenizer_dir=tokenizer_dir, state=weights)
             png = plot_loss_curve(run_dir / "metrics.jsonl", run_dir / "loss.png")
         params = sum(p.numel() for p in model.parameters())  # a tied tensor counts once
         return RunResult(fit=result, run_dir=run_dir, params=params,
-                         model_config=model.config_dict(), loss_png=png, kind=model.kind)
+                         model_config=model.config_dict(), loss_png=png, kind=model.kind,
+                         best=trainer.best)
     finally:
         shutdown_distributed()

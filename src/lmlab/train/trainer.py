@@ -117,6 +117,9 @@ class Trainer:
         self.scaler = (torch.amp.GradScaler(dist.device.type)
                        if self.amp_dtype == torch.float16 else None)
         self.step = 0
+        # the best validation so far, when the task names a metric to keep the best weights
+        # by (`best_metric`, higher is better): {"metric", "value", "step"}; see _keep_best
+        self.best: dict | None = None
         self.train_seconds = 0.0  # accumulated over resumes, drives time-based schedules
         self.skipped = 0
         self.saved_step = -1
@@ -161,6 +164,7 @@ class Trainer:
         self.step = self.saved_step = state["step"]
         self.train_seconds = state.get("train_seconds", 0.0)
         self.skipped = state.get("skipped", 0)
+        self.best = json.loads(state.get("best", "null"))
         if self.scaler and state.get("scaler"):
             self.scaler.load_state_dict(state["scaler"])
         self.metrics.truncate_after(self.step)
@@ -179,6 +183,7 @@ class Trainer:
             path = ckpt.save_checkpoint(
                 self.run_dir, self.step, self.raw_model, weights, optimizer,
                 {"train_seconds": self.train_seconds, "skipped": self.skipped,
+                 "best": json.dumps(self.best),
                  "fastpath": json.dumps(fastpath.export_decisions()),
                  "scaler": self.scaler.state_dict() if self.scaler else {}},
                 tokenizer_dir=self.tokenizer_dir, keep_last=self.cfg.keep_checkpoints)
@@ -350,4 +355,20 @@ class Trainer:
         rec = {"step": self.step, **val}
         self.metrics.write(rec)
         self.callback("eval", rec)
+        self._keep_best(val)
         return val
+
+    def _keep_best(self, val: dict[str, float]) -> None:
+        """A task with `best_metric` (e.g. "val_macro_f1", higher is better) keeps the weights of
+        its best validation in RUN/best/ (a model directory, written atomically); the run's
+        final model directory then holds those (`train.runner.run_task`)."""
+        metric = getattr(self.task, "best_metric", None)
+        if not metric or metric not in val or not math.isfinite(val[metric]):
+            return
+        if self.best is not None and val[metric] <= self.best["value"]:
+            return
+        self.best = {"metric": metric, "value": val[metric], "step": self.step}
+        weights = self.model_state()  # every rank: the strategy may gather
+        if self.dist.is_main:
+            ckpt.save_best(self.run_dir, self.raw_model, weights, self.best, self.tokenizer_dir)
+            self.callback("best", dict(self.best))
