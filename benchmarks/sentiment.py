@@ -83,6 +83,8 @@ def main() -> None:
     ap.add_argument("--out", default="runs/sentiment-bench")
     ap.add_argument("--body", default=None, help="a pretrained lmlab model that has read Chinese")
     ap.add_argument("--steps", type=int, default=600, help="training steps of each lmlab model")
+    ap.add_argument("--body-steps", type=int, default=None,
+                    help="training steps of the Transformer runs (default: --steps)")
     ap.add_argument("--batch-size", type=int, default=32)
     ap.add_argument("--max-len", type=int, default=96)
     a = ap.parse_args()
@@ -101,6 +103,8 @@ def main() -> None:
         base.update(kw)
         return TrainConfig(**base)
 
+    steps = a.body_steps or a.steps
+    body_steps = {"max_steps": steps, "eval_every": max(1, steps // 5)}
     runs = [tfidf_baseline(data, out)]
     runs.append(lmlab_model("LSTM from scratch", ClassifyConfig(
         from_scratch=True, out_dir=str(out / "lstm"), max_len=a.max_len,
@@ -109,10 +113,11 @@ def main() -> None:
     if a.body:
         runs.append(lmlab_model("Transformer fine-tuned", ClassifyConfig(
             model=a.body, out_dir=str(out / "finetune"), max_len=a.max_len,
-            train=train(lr=3e-4))))
+            train=train(lr=3e-4, **body_steps))))
         runs.append(lmlab_model("Transformer linear probe", ClassifyConfig(
             model=a.body, out_dir=str(out / "probe"), max_len=a.max_len,
-            head=ClassifierSpec(freeze_body=True, dropout=0.0), train=train(lr=3e-3))))
+            head=ClassifierSpec(freeze_body=True, dropout=0.0),
+            train=train(lr=3e-3, **body_steps))))
 
     rows = []
     for r in runs:
