@@ -14,7 +14,7 @@ SMALL_FILES = ["colorsys.py", "genericpath.py", "reprlib.py", "stat.py", "lineca
 @pytest.mark.slow
 def test_quickstart_end_to_end(tmp_path):
     import lmlab
-    from lmlab.quickstart import quickstart
+    from lmlab.quickstart import quickstart, split_text_bytes
 
     root = Path(sysconfig.get_paths()["stdlib"])
     corpus = [str(root / f) for f in SMALL_FILES]
@@ -31,10 +31,28 @@ def test_quickstart_end_to_end(tmp_path):
         assert s["status"] in ("finished", "time limit")
     assert on_disk["val_bpb"] == pytest.approx(summary["val_bpb"])
     assert on_disk["steps"] == summary["steps"]
+    # a user's corpus is prompted with its own held-out text, one sample per prompt
+    held_out = split_text_bytes(out / "shards", lm_tokenizer(out), "val").decode("utf-8")
+    assert summary["prompts"] and all(p in held_out for p in summary["prompts"])
+    assert len(summary["samples"]) == len(summary["prompts"])
 
     lm = lmlab.load(out)  # the output directory is a model directory
     assert sum(p.numel() for p in lm.model.parameters()) == summary["params"]
     assert isinstance(lm.generate("def ", max_new_tokens=8, temperature=0), str)
+
+
+def lm_tokenizer(out):
+    from lmlab.tokenizer import Tokenizer
+
+    return Tokenizer.load(out / "tokenizer")
+
+
+def test_corpus_prompts_come_from_held_out_lines():
+    from lmlab.quickstart import corpus_prompts
+
+    text = "今天天气很好，我们去公园散步吧。\n短\n北京上海和深圳的天气今天都很好\n第三行的文本也足够长\n"
+    assert corpus_prompts(text) == ["今天天气很好，我", "北京上海和深圳的", "第三行的文本也足"]
+    assert corpus_prompts("") == ["def "]
 
 
 def test_a_corpus_without_held_out_text_stops_before_training(tmp_path):

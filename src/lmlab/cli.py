@@ -350,7 +350,8 @@ def cmd_quickstart(a) -> int:
         out.rule(style="dim")
         out.print(sample, markup=False, highlight=False)
     out.rule(style="dim")
-    out.print(f"next: lmlab generate --model {s['model_dir']} --prompt 'def '")
+    prompt = s.get("prompts", ["def "])[0].replace("'", "'\\''")
+    out.print(f"next: lmlab generate --model {s['model_dir']} --prompt '{prompt}'", soft_wrap=True)
     _interrupted_hint(s["status"], f"lmlab quickstart --out {a.out}")
     return 0
 

@@ -35,6 +35,16 @@ from lmlab.train.distributed import pick_device
 log = logging.getLogger(__name__)
 
 SAMPLE_PROMPTS = ["def ", "import os\n\n\nclass ", "    def __init__(self"]
+
+
+def corpus_prompts(held_out: str, n: int = 3, chars: int = 8) -> list[str]:
+    """Sample prompts for a user's corpus: the first `chars` characters of `n` held-out lines
+    spread through the split (a Chinese corpus gets Chinese prompts, not Python)."""
+    lines = [line.strip() for line in held_out.splitlines() if len(line.strip()) >= chars]
+    if not lines:
+        return SAMPLE_PROMPTS[:1]
+    picks = sorted({round(i * (len(lines) - 1) / max(1, n - 1)) for i in range(n)})
+    return [lines[i][:chars] for i in picks]
 _TEST_DIRS = {"test", "tests", "idle_test", "site-packages", "dist-packages", "__pycache__"}
 
 
@@ -159,12 +169,15 @@ def quickstart(corpus: list[str] | None = None, minutes: float = 10.0, out: str 
     val_bytes = split_text_bytes(shard_dir, tokenizer, "val")
     cb("stage", {"name": "compressors", "bytes": len(val_bytes)})
     compressed = baselines(val_bytes)  # bits per byte of xz -9e, bzip2 -9, zlib -9
+    # the standard library's own prompts for it; a user's corpus is prompted with its own text
+    prompts = SAMPLE_PROMPTS if corpus is None else corpus_prompts(
+        val_bytes.decode("utf-8", errors="replace"))
 
     from lmlab.model_io import load_model_dir
 
     model = load_model_dir(model_dir).eval()
     samples = [p + generate_text(model, tokenizer, p, max_new_tokens=80, temperature=0.8,
-                                 top_k=50, seed=i) for i, p in enumerate(SAMPLE_PROMPTS)]
+                                 top_k=50, seed=i) for i, p in enumerate(prompts)]
     fit = result.fit
     summary = {
         "params": result.params,
@@ -187,6 +200,7 @@ def quickstart(corpus: list[str] | None = None, minutes: float = 10.0, out: str 
         "val_bytes": len(val_bytes),
         "model_dir": str(model_dir),
         "samples": samples,
+        "prompts": prompts,
     }
     atomic_write_text(out_dir / "summary.json", json.dumps(summary, indent=2, ensure_ascii=False))
     return summary
