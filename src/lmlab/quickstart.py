@@ -125,8 +125,7 @@ def quickstart(corpus: list[str] | None = None, minutes: float = 10.0, out: str 
     claim = claim_output_dir(out_dir, "quickstart", reads=corpus or (), overwrite=overwrite,
                              resume=legacy and not overwrite, inputs={
                                  "corpus": [absolute(p) for p in corpus] if corpus else "stdlib"})
-    if claim.replace:
-        claim.clear()
+    claim.clear()  # only with --overwrite
     claim.record()
     inputs = corpus or stdlib_files()
     plan = plan_for(pick_device(device))

@@ -262,9 +262,7 @@ def finetune_classify(cfg: ClassifyConfig, callback=None) -> ClassifyResult:
                       tokenizer_dir=tokenizer_dir, callback=callback, command="finetune classify",
                       claim=claim)
     # the test split, scored by the model directory the run left (the best validation's)
-    from lmlab.model_io import load_model_dir as load
-
-    best = load(run_dir).eval()
+    best = load_model_dir(run_dir).eval()
     test_texts, test_y = data.split("test")
     test = score_classifier(best, tokenizer, test_texts, [labels[y] for y in test_y])
     png = plot_confusion(test["confusion_matrix"], test["labels"], run_dir / "confusion_test.png",
