@@ -7,8 +7,10 @@ checked against its type and every run writes its resolved config
 
 `ModelSpec` is a model kind (registered in `lmlab.model`; default the
 Transformer), a preset plus optional overrides of any `ModelConfig` field; it
-is generated from `ModelConfig` so the two never drift apart. The kind's
-`from_spec` turns the fields into a model.
+is generated from `ModelConfig` so the two never drift apart. Kinds that are
+not a Transformer declare their own fields in `KIND_FIELDS` (e.g.
+`--model.kind ngram --model.order 4`). The kind's `from_spec` turns the fields
+that were set into a model.
 """
 
 from __future__ import annotations
@@ -25,6 +27,16 @@ from lmlab.model import DEFAULT_KIND, build_from_spec
 from lmlab.model.config import ModelConfig
 
 
+# fields of the kinds that are not a Transformer, beyond ModelConfig's (`--model.NAME`); a
+# name shared with ModelConfig (n_layer, d_model, dropout, tie_embeddings) means the same there
+KIND_FIELDS: dict[str, object] = {
+    "order": int,  # ngram: tokens per n-gram (the context is order − 1 tokens)
+    "discount": float,  # ngram: a fixed Kneser–Ney discount (unset: estimated per order)
+    "cell": Literal["lstm", "gru", "rnn"],  # recurrent: the layer
+    "d_embed": int,  # recurrent: embedding width (unset: d_model)
+}
+
+
 def _model_spec_fields(spec) -> dict:
     return {k: v for k, v in dataclasses.asdict(spec).items() if k != "kind" and v is not None}
 
@@ -36,6 +48,7 @@ def _model_spec_class():
               ("preset", Optional[str], field(default="small"))]
     fields += [(f.name, Optional[hints[f.name]], field(default=None))
                for f in dataclasses.fields(ModelConfig)]
+    fields += [(name, Optional[tp], field(default=None)) for name, tp in KIND_FIELDS.items()]
 
     def build_model(self, **defaults):
         """A fresh model of this kind: `defaults` (e.g. the tokenizer's vocab_size) unless set."""
