@@ -32,7 +32,6 @@ from lmlab.model.config import ModelConfig
 KIND_FIELDS: dict[str, object] = {
     "order": int,  # ngram: tokens per n-gram (the context is order − 1 tokens)
     "discount": float,  # ngram: a fixed Kneser–Ney discount (unset: estimated per order)
-    "cell": Literal["lstm", "gru", "rnn"],  # recurrent: the layer
     "d_embed": int,  # recurrent: embedding width (unset: d_model)
 }
 

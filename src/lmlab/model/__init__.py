@@ -86,7 +86,8 @@ def build_from_spec(kind: str, fields: dict[str, Any]) -> nn.Module:
 from lmlab.model.config import PRESETS, ModelConfig, preset  # noqa: E402
 from lmlab.model.transformer import KVCache, Transformer  # noqa: E402
 from lmlab.model.classifier import LSTMClassifier, SequenceClassifier  # noqa: E402
+from lmlab.model.recurrent import ElmanRNNLM, GRULM, LSTMLM  # noqa: E402
 
 __all__ = ["ModelConfig", "preset", "PRESETS", "Transformer", "KVCache", "LSTMClassifier",
-           "SequenceClassifier", "register_kind",
+           "SequenceClassifier", "LSTMLM", "ElmanRNNLM", "GRULM", "register_kind",
            "model_class", "model_kinds", "build_model", "build_from_spec", "DEFAULT_KIND"]

@@ -28,7 +28,7 @@ _CELLS = {"lstm": nn.LSTM, "gru": nn.GRU, "rnn": nn.RNN}
 class RecurrentEncoder(nn.Module):
     def __init__(self, vocab_size: int, d_embed: int, hidden: int, n_layer: int = 1,
                  cell: Literal["lstm", "gru", "rnn"] = "lstm", bidirectional: bool = False,
-                 dropout: float = 0.0, pad_id: int = 0):
+                 dropout: float = 0.0, pad_id: int | None = 0):
         super().__init__()
         self.cell, self.bidirectional = cell, bidirectional
         self.embed = nn.Embedding(vocab_size, d_embed, padding_idx=pad_id)

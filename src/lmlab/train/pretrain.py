@@ -111,7 +111,7 @@ def pretrain(cfg: PretrainConfig, callback=None, claim=None) -> RunResult:
         raise ConfigError(f"model.vocab_size: {model.vocab_size} is not the tokenizer's "
                           f"{tokenizer.vocab_size} tokens ({tok_dir}) and {why}; leave "
                           "model.vocab_size unset to take the tokenizer's")
-    seq_len = cfg.seq_len or model.max_seq_len
+    seq_len = cfg.seq_len or model.max_seq_len or getattr(model, "default_seq_len", None)
     if seq_len is None:
         raise ConfigError(f"model kind {model.kind!r} has no max_seq_len; set --seq_len")
     if model.max_seq_len is not None and seq_len > model.max_seq_len:
