@@ -274,12 +274,13 @@ class TrainingDisplay:
                 done = min(1000, max(d["step"] / 1e9, d["elapsed"] / self.max_seconds) * 1000)
             else:
                 done = d["step"]
+            loss = f" loss {d['train_loss']:.3f}" if "train_loss" in d else ""  # a count has none
             self.bar.update(self.task, completed=done,
-                            info=f"step {d['step']} loss {d['train_loss']:.3f} "
-                                 f"{d['tokens_per_sec']:,.0f} tok/s")
+                            info=f"step {d['step']}{loss} {d['tokens_per_sec']:,.0f} tok/s")
         elif event == "eval":  # whatever the task measures: loss, ppl, bpb, accuracy, F1 ...
             shown = "  ".join(f"{k.removeprefix('val_').replace('_', ' ')} {v:.4f}"
-                              for k, v in d.items() if k != "step" and isinstance(v, float))
+                              for k, v in d.items()
+                              if k not in ("step", "tokens", "elapsed") and isinstance(v, float))
             self.bar.console.print(f"step {d['step']}: val {shown}")
         elif event == "best":
             self.bar.console.print(f"[dim]best {d['metric']} so far: {d['value']:.4f} "
@@ -360,6 +361,29 @@ def cmd_quickstart(a) -> int:
     prompt = s.get("prompts", ["def "])[0].replace("'", "'\\''")
     out.print(f"next: lmlab generate --model {s['model_dir']} --prompt '{prompt}'", soft_wrap=True)
     _interrupted_hint(s["status"], f"lmlab quickstart --out {a.out}")
+    return 0
+
+
+@command("experiment.history")
+def cmd_experiment_history(a) -> int:
+    from lmlab.experiments.history import fmt_number, history
+
+    with TrainingDisplay() as display:
+        r = history(corpus=a.corpus, minutes_per_model=a.minutes_per_model, out=a.out,
+                    kinds=a.kinds, device=a.device, callback=display, overwrite=a.overwrite)
+    table = Table(title=f"the seeds' history, measured ({r['minutes_per_model']:g} min per model, "
+                        f"{r['device']})")
+    for col in ("model", "parameters", "tokens seen", "training FLOPs", "tokens/s",
+                "val bits/byte"):
+        table.add_column(col, justify="left" if col == "model" else "right")
+    for m in r["models"]:
+        table.add_row(m["name"], fmt_number(m["params"]), fmt_number(m["tokens_seen"]),
+                      fmt_number(m["train_flops"]), fmt_number(m["tokens_per_sec"]),
+                      f"{m['val_bpb']:.3f}" if m["val_bpb"] is not None else "—")
+    for k, v in r["compressors"].items():
+        table.add_row(f"{k} (same bytes)", "", "", "", "", f"{v:.3f}")
+    out.print(table)
+    out.print(f"table: {a.out}/history.md   plot: {a.out}/history.png   data: {a.out}/history.json")
     return 0
 
 
@@ -710,13 +734,33 @@ def build_parser() -> ArgumentParser:
     i.add_argument("out", type=str)
     _add_overwrite_arg(i)
     sub.add_subcommand("import-hf", i, help="convert a Hugging Face directory to lmlab")
+
+    ex = ArgumentParser(description="Controlled experiments built from lmlab's commands.")
+    sub.add_subcommand("experiment", ex, help="controlled experiments (the seeds' history)")
+    ex_sub = ex.add_subcommands(dest="experiment_command")
+    h = ArgumentParser(description="The seeds' history, measured: an n-gram model, an RNN, an "
+                                   "LSTM and the Transformer (GPT-2 and LLaMA style) trained on "
+                                   "the same corpus and tokenizer for the same minutes each; a "
+                                   "table and a plot of held-out bits per byte beside xz.\n\n"
+                                   "example: lmlab experiment history --minutes_per_model 5 "
+                                   "--out runs/history")
+    h.add_argument("--corpus", type=str | None, nargs="+", default=None,
+                   help="files/directories (default: the Python standard library source)")
+    h.add_argument("--minutes_per_model", "--minutes-per-model", type=float, default=5.0,
+                   help="training minutes of each model")
+    h.add_argument("--kinds", type=str | None, nargs="+", default=None,
+                   help="a subset of: ngram rnn lstm gpt2 llama (default: all)")
+    h.add_argument("--out", type=str, default="runs/history")
+    h.add_argument("--device", type=str, default="auto")
+    _add_overwrite_arg(h)
+    ex_sub.add_subcommand("history", h, help="n-gram, RNN, LSTM, Transformer side by side")
     return p
 
 
 def _command_name(cfg) -> str:
     name = cfg.command
     inner = cfg.get(name)
-    for key in ("tokenizer_command", "data_command", "finetune_command"):
+    for key in ("tokenizer_command", "data_command", "finetune_command", "experiment_command"):
         if inner is not None and inner.get(key):
             return f"{name}.{inner[key]}"
     return name

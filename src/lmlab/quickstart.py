@@ -97,6 +97,34 @@ def plan_for(device: torch.device) -> QuickstartPlan:
                           batch_size=16, grad_accum=1, lr=1e-2, seq_len=256)
 
 
+def corpus_shards(inputs: list[str], out_dir: Path, vocab_size: int, workers: int | None = None,
+                  callback=None) -> tuple[Path, Path, Tokenizer, dict]:
+    """OUT/tokenizer (trained on `inputs` unless there) and OUT/shards (2 % held out, unless made
+    with that tokenizer already): (tokenizer dir, shard dir, tokenizer, shard meta)."""
+    from lmlab.data.prepare import prepare
+    from lmlab.data.sources import iter_documents
+    from lmlab.tokenizer import train_tokenizer
+
+    cb = callback or (lambda event, data: None)
+    tok_dir, shard_dir = out_dir / "tokenizer", out_dir / "shards"
+    cb("stage", {"name": "tokenizer", "inputs": len(inputs)})
+    if not (tok_dir / "tokenizer.json").is_file():
+        texts = (d.text for d in iter_documents(inputs))
+        train_tokenizer(texts, vocab_size).save(tok_dir)
+    tokenizer = Tokenizer.load(tok_dir)
+
+    cb("stage", {"name": "shards"})
+    if not (shard_dir / "meta.json").is_file() or read_meta(shard_dir)["tokenizer_hash"] != tokenizer.hash:
+        prepare(inputs, tok_dir, shard_dir, val_fraction=0.02, workers=workers)
+    meta = read_meta(shard_dir)
+    if not meta["splits"].get("val", {}).get("documents"):
+        # bits per byte and the compressors are measured on held-out text: stop before training
+        raise InputError(f"{shard_dir}: the corpus gave no held-out documents "
+                         f"({meta['documents']} document(s) in all); give a corpus of at least "
+                         "two documents, e.g. a directory of text files")
+    return tok_dir, shard_dir, tokenizer, meta
+
+
 # seconds kept back from the budget for the final evaluation, the compressors and the samples
 FINISH_RESERVE_S = 20.0
 
@@ -109,10 +137,7 @@ def quickstart(corpus: list[str] | None = None, minutes: float = 10.0, out: str 
     Run again into the same `out` on the same corpus, it continues there (the tokenizer
     and shards are kept, training resumes); an `out` holding anything else is refused
     unless `overwrite`."""
-    from lmlab.data.prepare import prepare
-    from lmlab.data.sources import iter_documents
     from lmlab.infer.generate import generate_text
-    from lmlab.tokenizer import train_tokenizer
     from lmlab.train.pretrain import pretrain
 
     cb = callback or (lambda event, data: None)
@@ -131,23 +156,8 @@ def quickstart(corpus: list[str] | None = None, minutes: float = 10.0, out: str 
     plan = plan_for(pick_device(device))
     t_start = time.time()
 
-    tok_dir, shard_dir = out_dir / "tokenizer", out_dir / "shards"
-    cb("stage", {"name": "tokenizer", "inputs": len(inputs)})
-    if not (tok_dir / "tokenizer.json").is_file():
-        texts = (d.text for d in iter_documents(inputs))
-        train_tokenizer(texts, plan.vocab_size).save(tok_dir)
-    tokenizer = Tokenizer.load(tok_dir)
-
-    cb("stage", {"name": "shards"})
-    if not (shard_dir / "meta.json").is_file() or read_meta(shard_dir)["tokenizer_hash"] != tokenizer.hash:
-        prepare(inputs, tok_dir, shard_dir, val_fraction=0.02, workers=workers)
-    meta = read_meta(shard_dir)
-    if not meta["splits"].get("val", {}).get("documents"):
-        # bits per byte and the compressors are measured on held-out text: stop before training
-        raise InputError(f"{shard_dir}: the corpus gave no held-out documents "
-                         f"({meta['documents']} document(s) in all); give a corpus of at least "
-                         "two documents, e.g. a directory of text files")
-
+    tok_dir, shard_dir, tokenizer, meta = corpus_shards(inputs, out_dir, plan.vocab_size,
+                                                        workers, cb)
     spent = (time.time() - t_start) / 60
     train_minutes = max(0.2, minutes - spent - FINISH_RESERVE_S / 60)
     cfg = PretrainConfig(

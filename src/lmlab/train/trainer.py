@@ -283,6 +283,7 @@ class Trainer:
 
         peak = measured_peak_flops(d.device.type, self.amp_dtype or torch.float32) * d.world
         tokens_per_step = self.task.tokens_per_step(cfg.grad_accum, d.world)
+        self._tokens_per_step = tokens_per_step
         max_seconds = cfg.max_minutes * 60 if cfg.max_minutes else None
         self.callback("start", {"step": self.step, "max_steps": cfg.max_steps,
                                 "max_seconds": max_seconds, "peak_flops": peak,
@@ -352,7 +353,9 @@ class Trainer:
     def _eval_and_log(self) -> dict[str, float]:
         # the plain module: no DDP hooks or recompilation for eval mode are needed to score
         val = self.evaluate(self.raw_model)
-        rec = {"step": self.step, **val}
+        # where the run stood: the curves of val metrics against tokens and training seconds
+        rec = {"step": self.step, "tokens": self.step * getattr(self, "_tokens_per_step", 0),
+               "elapsed": self.train_seconds, **val}
         self.metrics.write(rec)
         self.callback("eval", rec)
         self._keep_best(val)
