@@ -37,6 +37,10 @@ def test_history_trains_each_kind_on_one_corpus_and_reports(tmp_path):
     table = (out / "history.md").read_text()
     assert "Elman RNN" in table and "xz -9e" in table
     assert (out / "history.png").read_bytes()[:4] == b"\x89PNG"
+    assert (out / "gradient_reach.png").read_bytes()[:4] == b"\x89PNG"
+    for m in report["models"]:  # one gradient norm per input position, all finite and >= 0
+        assert len(m["gradient_reach"]) == report["seq_len"]
+        assert all(g >= 0 for g in m["gradient_reach"]) and m["gradient_reach"][0] > 0
     assert "the seeds' history" in stdout
 
     # again, with one more kind: the finished ones are kept as they were

@@ -66,6 +66,24 @@ def test_elman_cell_is_the_formula():
         torch.testing.assert_close(model(ids), model.lm_head(torch.stack(hs, 1)))
 
 
+def test_lstm_cell_is_the_formula():
+    """The LSTM's gates written out (i, f, g, o in torch's order) give the kind's outputs."""
+    model = LSTMLM(50, d_model=8, n_layer=1, tie_embeddings=False).eval()
+    ids = torch.randint(0, 50, (2, 9))
+    lstm = model.encoder.rnn
+    x = model.encoder.embed(ids)
+    h, c = torch.zeros(2, 8), torch.zeros(2, 8)
+    hs = []
+    for t in range(9):
+        z = x[:, t] @ lstm.weight_ih_l0.T + lstm.bias_ih_l0 + h @ lstm.weight_hh_l0.T + lstm.bias_hh_l0
+        i, f, g, o = z.chunk(4, dim=-1)
+        c = torch.sigmoid(f) * c + torch.sigmoid(i) * torch.tanh(g)
+        h = torch.sigmoid(o) * torch.tanh(c)
+        hs.append(h)
+    with torch.no_grad():
+        torch.testing.assert_close(model(ids), model.lm_head(torch.stack(hs, 1)))
+
+
 def test_loss_without_logits_equals_cross_entropy_of_logits():
     model = tiny("lstm", d_embed=16)
     ids = torch.randint(0, 300, (2, 10))

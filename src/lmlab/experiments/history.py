@@ -16,7 +16,10 @@ What comes out:
   per byte, and its validation curve (training seconds, tokens, bpb);
 - `history.md`: that table, with xz / bzip2 / zlib on the same held-out bytes;
 - `history.png`: val bits per byte against training seconds and against
-  training FLOPs.
+  training FLOPs;
+- `gradient_reach.png`: how strongly each trained model's last prediction
+  depends on the tokens behind it, ‖∂ log p(x_T | x_<T) / ∂e_t‖ against the
+  distance T − t — the vanishing gradient of recurrence, measured.
 
 Bits per byte is the yardstick because it does not depend on the tokenizer and
 puts the models on the compressors' scale. Run again into the same OUT, it
@@ -31,11 +34,15 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+import torch
+
 from lmlab.config import ModelSpec, PretrainConfig, TrainConfig
 from lmlab.errors import ConfigError
 from lmlab.eval import baselines
 from lmlab.fileio import atomic_file, atomic_write_text
+from lmlab.data.shards import TokenShards
 from lmlab.model import build_model
+from lmlab.model_io import load_model_dir
 from lmlab.outputs import absolute, claim_output_dir
 from lmlab.quickstart import corpus_shards, plan_for, split_text_bytes, stdlib_files
 from lmlab.train.distributed import pick_device
@@ -71,6 +78,30 @@ def lineup(device) -> dict[str, Contender]:
         Contender("gpt2", "Transformer, GPT-2 style", gpt2, lr=plan.lr),
         Contender("llama", "Transformer, LLaMA style", llama, lr=plan.lr),
     ]}
+
+
+def gradient_reach(model, windows) -> list[float]:
+    """Mean over `windows` (N, T+1) of ‖∂ log p(x_T | x_<T) / ∂e_t‖ for the input embedding e_t
+    of each position t < T, listed by distance T − 1 − t (0 = the last input token)."""
+    emb = next(m for m in model.modules() if isinstance(m, torch.nn.Embedding))
+    grabbed = []
+
+    def grab(module, inputs, out):  # returns None: the output goes on unchanged
+        out.retain_grad()
+        grabbed.append(out)
+
+    hook = emb.register_forward_hook(grab)
+    try:
+        model.eval()
+        x, y = windows[:, :-1], windows[:, -1]
+        logits = model(x)[:, -1].float()
+        logp = torch.log_softmax(logits, -1).gather(1, y[:, None]).sum()
+        logp.backward()
+    finally:
+        hook.remove()
+    norms = grabbed[0].grad.norm(dim=-1).mean(0)  # (T,)
+    model.zero_grad(set_to_none=True)
+    return norms.flip(0).tolist()
 
 
 def _row(c: Contender, run_dir: Path, result, seq_len: int) -> dict:
@@ -118,6 +149,10 @@ def history(corpus: list[str] | None = None, minutes_per_model: float = 5.0,
     tok_dir, shard_dir, tokenizer, meta = corpus_shards(inputs, out_dir, plan.vocab_size,
                                                         workers, cb)
     val_bytes = split_text_bytes(shard_dir, tokenizer, "val")
+    val = TokenShards(shard_dir, "val")
+    n = min(8, (len(val) - 1) // (plan.seq_len + 1))
+    windows = torch.from_numpy(val.slice(0, n * (plan.seq_len + 1)).astype("int64")).view(
+        n, plan.seq_len + 1)  # the first held-out windows, for gradient_reach
     report_path = out_dir / "history.json"
     done = {}
     if report_path.is_file():  # an earlier run of the same experiment: keep what it finished
@@ -148,6 +183,9 @@ def history(corpus: list[str] | None = None, minutes_per_model: float = 5.0,
         result = pretrain(cfg, callback=callback)
         row = _row(c, run_dir, result, plan.seq_len)
         row["wall_seconds"] = time.time() - t0
+        model = load_model_dir(run_dir)
+        if any(isinstance(m, torch.nn.Embedding) for m in model.modules()):  # not the n-gram
+            row["gradient_reach"] = gradient_reach(model, windows)
         report["models"].append(row)
         write_history(out_dir, report)
         if result.fit.status.startswith("interrupted"):
@@ -220,10 +258,41 @@ def plot_history(report: dict, out_png: Path) -> Path | None:
     return out_png
 
 
+def plot_gradient_reach(report: dict, out_png: Path) -> Path | None:
+    """Each model's `gradient_reach`, divided by its value at distance 0, on a log scale."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return None
+    models = [r for r in report["models"] if r.get("gradient_reach")]
+    if not models:
+        return None
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    for r in models:
+        g = r["gradient_reach"]
+        ax.plot(range(len(g)), [v / g[0] if g[0] else v for v in g],
+                label=f"{r['name']} ({r['what']})")
+    ax.set_yscale("log")
+    ax.set_xlabel("distance back from the predicted token (tokens)")
+    ax.set_ylabel("‖∂ log p(next) / ∂ embedding‖, ÷ at distance 0")
+    ax.set_title("how far back each trained model's prediction reaches")
+    ax.grid(True, alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    with atomic_file(out_png) as f:
+        fig.savefig(f, dpi=110, format="png")
+    plt.close(fig)
+    return out_png
+
+
 def write_history(out_dir: Path, report: dict) -> None:
     atomic_write_text(out_dir / "history.json", json.dumps(report, indent=2))
     atomic_write_text(out_dir / "history.md", history_table(report))
     plot_history(report, out_dir / "history.png")
+    plot_gradient_reach(report, out_dir / "gradient_reach.png")
 
 
 __all__ = ["history", "lineup", "Contender", "history_table", "plot_history"]
