@@ -16,6 +16,9 @@ kind, model.safetensors its weights, plus the tokenizer files), so
 store what the model supplies — its config dict and its state dict, or only
 the trainable part (`trainable_only`) — so no model has to pretend to be a
 Transformer.
+
+A model that is counted, not trained (the n-gram: `model.fit_counts`), goes through
+`fit_task` instead: the same run directory and the task's own validation, no loop.
 """
 
 from __future__ import annotations
@@ -23,10 +26,12 @@ from __future__ import annotations
 import dataclasses
 import logging
 import os
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
 
+import torch
 from torch import nn
 
 from lmlab.config import TrainConfig, to_yaml
@@ -36,7 +41,7 @@ from lmlab.model_io import save_model_dir
 from lmlab.outputs import OutputClaim, claim_output_dir
 from lmlab.train.checkpoint import list_checkpoints, read_best
 from lmlab.train.distributed import init_distributed, shutdown_distributed
-from lmlab.train.metrics import plot_loss_curve
+from lmlab.train.metrics import MetricsLog, plot_loss_curve
 from lmlab.train.trainer import FitResult, Task, Trainer
 
 log = logging.getLogger(__name__)
@@ -82,6 +87,20 @@ def _refuse_checkpoints(run_dir: Path, resume: bool) -> None:
                           "that run, --overwrite true to start it again, or choose another --out_dir")
 
 
+def _claim(run_dir: Path, claim: OutputClaim | None, command: str, inputs: dict | None,
+           reads: tuple, overwrite: bool, resume: bool) -> None:
+    if claim is None:
+        claim_run_dir(run_dir, command, inputs, reads, overwrite, resume)
+    else:  # the caller claimed it (the quickstart's directory)
+        _refuse_checkpoints(run_dir, resume)
+
+
+def _write_run_config(run_dir: Path, cfg: Any) -> None:
+    run_dir.mkdir(parents=True, exist_ok=True)
+    if dataclasses.is_dataclass(cfg):
+        atomic_write_text(run_dir / "config.yaml", to_yaml(cfg))
+
+
 def run_task(model: nn.Module, task: Task, train: TrainConfig, out_dir: str | Path, *,
              resume: bool = False, run_config: Any = None, tokenizer_dir: str | None = None,
              callback: Callable[[str, dict], None] | None = None, flops_per_token: float = 0.0,
@@ -101,17 +120,11 @@ def run_task(model: nn.Module, task: Task, train: TrainConfig, out_dir: str | Pa
     claimed it already (the quickstart's directory) passes its `claim`.
     """
     run_dir = Path(out_dir)
-    if claim is None:
-        claim_run_dir(run_dir, command, inputs, reads, overwrite, resume)
-    else:
-        _refuse_checkpoints(run_dir, resume)
+    _claim(run_dir, claim, command, inputs, reads, overwrite, resume)
     d = init_distributed(train.device)
     try:
         if d.is_main:
-            run_dir.mkdir(parents=True, exist_ok=True)
-            cfg = run_config if run_config is not None else train
-            if dataclasses.is_dataclass(cfg):
-                atomic_write_text(run_dir / "config.yaml", to_yaml(cfg))
+            _write_run_config(run_dir, run_config if run_config is not None else train)
         trainer = Trainer(model, task, train, run_dir, d, tokenizer_dir=tokenizer_dir,
                           callback=callback, flops_per_token=flops_per_token,
                           trainable_only=trainable_only)
@@ -135,3 +148,68 @@ def run_task(model: nn.Module, task: Task, train: TrainConfig, out_dir: str | Pa
                          best=trainer.best)
     finally:
         shutdown_distributed()
+
+
+def fit_task(model: nn.Module, task: Any, train: TrainConfig, out_dir: str | Path, *,
+             resume: bool = False, run_config: Any = None, tokenizer_dir: str | None = None,
+             callback: Callable[[str, dict], None] | None = None, command: str = "train",
+             inputs: dict | None = None, reads: tuple = (), overwrite: bool = False,
+             claim: OutputClaim | None = None) -> RunResult:
+    """`run_task` for a model that is counted, not trained (`model.fit_counts`: the n-gram).
+
+    The same run directory (claimed, config.yaml, metrics.jsonl, the final model directory
+    with the tokenizer files) and the task's own validation (`val_batches`, `eval_sums`,
+    `eval_metrics`: val loss, ppl and bits per byte as for any model), but no gradient loop:
+    the model counts `task.train_chunks()` in one pass. `train.max_minutes` stops the count
+    when spent (status "time limit", the tokens counted so far kept); steps, learning rates
+    and checkpoints do not apply, so `resume` counts again (to the same tables). Progress
+    goes to `callback` as the Trainer's "start", "log" and "eval" events.
+    """
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        raise ConfigError(f"model.kind {model.kind}: it is counted in one process; run it "
+                          "without torchrun")
+    run_dir = Path(out_dir)
+    _claim(run_dir, claim, command, inputs, reads, overwrite, resume)
+    _write_run_config(run_dir, run_config if run_config is not None else train)
+    if resume:
+        log.info("%s: a counted model has no checkpoints; --resume counts again", run_dir)
+    cb = callback or (lambda event, data: None)
+    metrics = MetricsLog(run_dir)
+    metrics.truncate_after(0)  # a count again replaces the rows of the one before
+    max_seconds = train.max_minutes * 60 if train.max_minutes else None
+    cb("start", {"step": 0, "max_steps": None, "max_seconds": max_seconds, "peak_flops": 0.0,
+                 "tokens_per_step": 0})
+    t0 = time.perf_counter()
+    done = {"step": 0, "tokens": 0, "status": "finished"}
+
+    def chunks():
+        for chunk in task.train_chunks():
+            if max_seconds and time.perf_counter() - t0 >= max_seconds:
+                done["status"] = "time limit"
+                return
+            yield chunk  # the model counts it before asking for the next
+            done["step"] += 1
+            done["tokens"] += len(chunk)
+            elapsed = time.perf_counter() - t0
+            cb("log", {"step": done["step"], "tokens": done["tokens"], "elapsed": elapsed,
+                       "tokens_per_sec": done["tokens"] / elapsed})
+
+    model.fit_counts(chunks())
+    seconds = time.perf_counter() - t0
+    model.eval()
+    sums = dict.fromkeys(task.eval_keys, 0.0)
+    with torch.no_grad():
+        for batch in task.val_batches(0, 1):
+            for k, v in task.eval_sums(model, batch).items():
+                sums[k] += float(v)
+    val = task.eval_metrics(sums)
+    rec = {"step": done["step"], "tokens": done["tokens"], "elapsed": seconds, **val}
+    metrics.write(rec)
+    metrics.close()
+    cb("eval", rec)
+    save_model_dir(model, run_dir, tokenizer_dir=tokenizer_dir)
+    fit = FitResult(step=done["step"], status=done["status"], tokens_seen=done["tokens"],
+                    seconds=seconds, tokens_per_sec=done["tokens"] / seconds, mfu=0.0,
+                    last_train_loss=float("nan"), val=val)
+    return RunResult(fit=fit, run_dir=run_dir, params=model.num_params(),
+                     model_config=model.config_dict(), loss_png=None, kind=model.kind)
