@@ -260,8 +260,8 @@ def write_hf_config(directory, **fields):
 
 
 def test_import_refuses_unknown_model_type(tmp_path):
-    hf_dir = write_hf_config(tmp_path / "hf", model_type="bert")
-    with pytest.raises(InputError, match=r"'bert'.*supported.*gpt2.*llama.*qwen2.*mistral"):
+    hf_dir = write_hf_config(tmp_path / "hf", model_type="t5")  # (bert is supported: test_bert)
+    with pytest.raises(InputError, match=r"'t5'.*supported.*gpt2.*llama.*qwen2.*mistral.*bert"):
         import_hf(hf_dir, tmp_path / "out")
     assert not (tmp_path / "out").exists()
 

@@ -41,10 +41,16 @@ log = logging.getLogger(__name__)
 
 # ------------------------------------------------------------------ batches
 
-def encode_texts(tokenizer: Tokenizer, texts: Sequence[str], max_len: int | None) -> list[list[int]]:
-    """Token ids of each text, cut to `max_len` (its start kept); an empty text is one EOS."""
+def encode_texts(tokenizer: Tokenizer, texts: Sequence[str], max_len: int | None,
+                 framed: bool = False) -> list[list[int]]:
+    """Token ids of each text, cut to `max_len` (its start kept); an empty text is one EOS.
+
+    `framed`: inside the special tokens the tokenizer's own template adds, as an encoder
+    was pretrained to read them (an imported BERT's [CLS] … [SEP]; lmlab's tokenizers add
+    none)."""
     fallback = [tokenizer.eos_id if tokenizer.eos_id is not None else 0]
-    rows = tokenizer.encode_batch(list(texts))
+    rows = ([e.ids for e in tokenizer.hf.encode_batch(list(texts))] if framed
+            else tokenizer.encode_batch(list(texts)))
     return [(r[:max_len] if max_len else r) or fallback for r in rows]
 
 
@@ -181,7 +187,8 @@ def predict(model: nn.Module, tokenizer: Tokenizer, texts: Sequence[str],
     model.eval()
     device = next(model.parameters()).device
     pad = tokenizer.pad_id if tokenizer.pad_id is not None else 0
-    rows = encode_texts(tokenizer, texts, getattr(model, "max_len", None) or model.max_seq_len)
+    rows = encode_texts(tokenizer, texts, getattr(model, "max_len", None) or model.max_seq_len,
+                        getattr(model, "bidirectional", False))
     out: list[tuple[str, dict[str, float]]] = []
     for k in range(0, len(rows), batch_size):
         ids, lengths = pad_batch(rows[k:k + batch_size], pad)
@@ -253,9 +260,11 @@ def finetune_classify(cfg: ClassifyConfig, callback=None) -> ClassifyResult:
                                h.n_layer, h.bidirectional, h.cell, h.dropout,
                                tokenizer.pad_id if tokenizer.pad_id is not None else 0, max_len)
     pad = tokenizer.pad_id if tokenizer.pad_id is not None else 0
+    framed = getattr(model, "bidirectional", False)  # an encoder body: [CLS] text [SEP]
     task = ClassificationTask(
-        encode_texts(tokenizer, train_texts, max_len), train_y,
-        encode_texts(tokenizer, val_texts, max_len), val_y, len(labels), cfg.train.batch_size,
+        encode_texts(tokenizer, train_texts, max_len, framed), train_y,
+        encode_texts(tokenizer, val_texts, max_len, framed), val_y, len(labels),
+        cfg.train.batch_size,
         pad, cfg.train.seed,
         _class_weights(train_y, len(labels)) if cfg.class_weights == "balanced" else None)
     result = run_task(model, task, cfg.train, run_dir, resume=cfg.resume, run_config=cfg,

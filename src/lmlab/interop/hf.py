@@ -1,4 +1,4 @@
-"""Hugging Face checkpoints in and out: GPT-2, LLaMA, Qwen2 and Mistral.
+"""Hugging Face checkpoints in and out: GPT-2, LLaMA, Qwen2, Mistral and BERT.
 
 lmlab's Transformer is the same network as these four `transformers` models;
 only the names and layouts of the weights differ:
@@ -33,6 +33,24 @@ with `<|im_end|>` must stop there on both sides. Export writes the tokenizer's
 Mistral's `sliding_window` (and Qwen2's `use_sliding_window`) is ignored: lmlab
 attends to all past positions, which is the same computation for sequences no
 longer than the window and differs only beyond it.
+
+BERT (`BertForMaskedLM`) is lmlab's encoder (kind "bert", `lmlab.model.encoder`):
+
+| lmlab (bert)                 | BertForMaskedLM                                           |
+|------------------------------|-----------------------------------------------------------|
+| tok_emb, pos_emb, type_emb   | bert.embeddings.word_ / position_ / token_type_embeddings |
+| emb_norm                     | bert.embeddings.LayerNorm                                 |
+| blocks.i.attn.qkv (fused)    | bert.encoder.layer.i.attention.self.query, key, value     |
+| blocks.i.attn.proj, norm1    | ….attention.output.dense, ….attention.output.LayerNorm    |
+| blocks.i.mlp.fc, proj, norm2 | ….intermediate.dense, ….output.dense, ….output.LayerNorm  |
+| head_dense, head_norm        | cls.predictions.transform.dense, ….transform.LayerNorm    |
+| lm_head (bias; weight tied)  | cls.predictions.bias (decoder.weight = word_embeddings)   |
+| pooler                       | bert.pooler.dense                                         |
+
+`BertForMaskedLM` has no pooler: an import without one keeps lmlab's fresh
+pooler; an export writes it (as Google's checkpoints hold it; `transformers`
+loads the MLM model without it, `BertForSequenceClassification` with it).
+A BERT checkpoint's next-sentence head (`cls.seq_relationship`) is dropped.
 """
 
 from __future__ import annotations
@@ -69,17 +87,24 @@ from lmlab.tokenizer.bpe import GENERATION_CONFIG, TOKENIZER_FILE, Tokenizer
 
 if TYPE_CHECKING:
     from lmlab.model import Transformer
+    from lmlab.model.encoder import Encoder
 
 logger = logging.getLogger(__name__)
 
-SUPPORTED_MODEL_TYPES = ("gpt2", "llama", "qwen2", "mistral")
+SUPPORTED_MODEL_TYPES = ("gpt2", "llama", "qwen2", "mistral", "bert")
 SUPPORTED_ROPE_TYPES = ("default", "linear", "llama3")
 _ROPE_REQUIRED_KEYS = {
     "linear": ("factor",),
     "llama3": ("factor", "low_freq_factor", "high_freq_factor", "original_max_position_embeddings"),
 }
-# Buffers that some transformers versions saved with the weights; they are recomputed.
-_IGNORED_HF_KEYS = re.compile(r"(\.attn\.(bias|masked_bias)|\.rotary_emb\.inv_freq)$")
+# Buffers that some transformers versions saved with the weights; they are recomputed. And
+# BERT's next-sentence head, which lmlab does not have.
+_IGNORED_HF_KEYS = re.compile(r"(\.attn\.(bias|masked_bias)|\.rotary_emb\.inv_freq"
+                              r"|(^|\.)embeddings\.position_ids)$|^cls\.seq_relationship\.")
+# BERT's output bias: one tensor under two names, except in an untied transformers v5 model,
+# whose decoder has its own (the one it uses)
+_BERT_BIAS, _BERT_DECODER_BIAS = "cls.predictions.bias", "cls.predictions.decoder.bias"
+_BERT_POOLER = "bert.pooler.dense.weight"
 
 
 # ---------------------------------------------------------------- the name map
@@ -167,6 +192,34 @@ def _llama_tensors(cfg: ModelConfig, hf_bias: _HFBiases) -> list[_Tensor]:
     return t
 
 
+def _bert_tensors(cfg: ModelConfig, pooler: bool) -> list[_Tensor]:
+    d = cfg.d_model
+    e = "bert.embeddings."
+    t = [_Tensor("tok_emb.weight", (e + "word_embeddings.weight",)),
+         _Tensor("pos_emb.weight", (e + "position_embeddings.weight",)),
+         _Tensor("type_emb.weight", (e + "token_type_embeddings.weight",))]
+    for p in ("weight", "bias"):
+        t.append(_Tensor(f"emb_norm.{p}", (f"{e}LayerNorm.{p}",)))
+        for i in range(cfg.n_layer):
+            o, h = f"blocks.{i}.", f"bert.encoder.layer.{i}."
+            t += [_Tensor(f"{o}attn.qkv.{p}", tuple(f"{h}attention.self.{n}.{p}"
+                                                    for n in ("query", "key", "value")),
+                          (d, d, d)),
+                  _Tensor(f"{o}attn.proj.{p}", (f"{h}attention.output.dense.{p}",)),
+                  _Tensor(f"{o}norm1.{p}", (f"{h}attention.output.LayerNorm.{p}",)),
+                  _Tensor(f"{o}mlp.fc.{p}", (f"{h}intermediate.dense.{p}",)),
+                  _Tensor(f"{o}mlp.proj.{p}", (f"{h}output.dense.{p}",)),
+                  _Tensor(f"{o}norm2.{p}", (f"{h}output.LayerNorm.{p}",))]
+        t += [_Tensor(f"head_dense.{p}", (f"cls.predictions.transform.dense.{p}",)),
+              _Tensor(f"head_norm.{p}", (f"cls.predictions.transform.LayerNorm.{p}",))]
+        if pooler:
+            t.append(_Tensor(f"pooler.{p}", (f"bert.pooler.dense.{p}",)))
+    t.append(_Tensor("lm_head.bias", (_BERT_BIAS,)))
+    if not cfg.tie_embeddings:
+        t.append(_Tensor("lm_head.weight", ("cls.predictions.decoder.weight",)))
+    return t
+
+
 def _hf_biases(hf_config: dict[str, Any]) -> _HFBiases:
     model_type = hf_config["model_type"]
     if model_type == "qwen2":  # fixed by the architecture, not by a config field
@@ -213,6 +266,8 @@ def config_from_hf(hf: dict[str, Any]) -> ModelConfig:
     try:
         if model_type == "gpt2":
             return _gpt2_config_from_hf(hf)
+        if model_type == "bert":
+            return _bert_config_from_hf(hf)
         return _llama_config_from_hf(hf)
     except KeyError as e:
         raise InputError(f"{model_type} config lacks the field {e.args[0]!r}") from e
@@ -237,6 +292,28 @@ def _gpt2_config_from_hf(hf: dict[str, Any]) -> ModelConfig:
         pos_emb="learned", norm="layernorm", mlp="gelu", bias=True, qkv_bias=True,
         tie_embeddings=hf.get("tie_word_embeddings", True),
         norm_eps=hf.get("layer_norm_epsilon", 1e-5), init_std=hf.get("initializer_range", 0.02),
+    )
+
+
+def _bert_config_from_hf(hf: dict[str, Any]) -> ModelConfig:
+    act = hf.get("hidden_act", "gelu")
+    mlp = {"gelu": "gelu_exact", "gelu_new": "gelu", "gelu_pytorch_tanh": "gelu"}.get(act)
+    if mlp is None:
+        raise InputError(f"bert hidden_act {act!r} is not supported; lmlab has 'gelu' (exact) "
+                         "and 'gelu_new'")
+    if hf.get("position_embedding_type", "absolute") != "absolute":
+        raise InputError(f"bert position_embedding_type {hf['position_embedding_type']!r} is "
+                         "not supported; lmlab's encoder has absolute positions")
+    if hf.get("is_decoder") or hf.get("add_cross_attention"):
+        raise InputError("bert with is_decoder or add_cross_attention is not an encoder; "
+                         "not supported")
+    return ModelConfig(
+        vocab_size=hf["vocab_size"], n_layer=hf["num_hidden_layers"],
+        n_head=hf["num_attention_heads"], d_model=hf["hidden_size"],
+        d_ff=hf["intermediate_size"], max_seq_len=hf["max_position_embeddings"],
+        pos_emb="learned", norm="layernorm", mlp=mlp, bias=True, qkv_bias=True,
+        tie_embeddings=hf.get("tie_word_embeddings", True),
+        norm_eps=hf.get("layer_norm_eps", 1e-12), init_std=hf.get("initializer_range", 0.02),
     )
 
 
@@ -274,12 +351,39 @@ def _dtype_name(dtype: torch.dtype) -> str:
     return str(dtype).removeprefix("torch.")
 
 
+def _common_hf_config(cfg: ModelConfig, dtype: torch.dtype) -> dict[str, Any]:
+    return {"vocab_size": cfg.vocab_size, "tie_word_embeddings": cfg.tie_embeddings,
+            "initializer_range": cfg.init_std,
+            # v4 reads torch_dtype, v5 dtype
+            "torch_dtype": _dtype_name(dtype), "dtype": _dtype_name(dtype)}
+
+
+def bert_hf_config(cfg: ModelConfig, type_vocab_size: int,
+                   dtype: torch.dtype = torch.float32) -> dict[str, Any]:
+    """The Hugging Face config.json (as a dict) of an lmlab encoder (kind "bert")."""
+    problems = [f"{k}={v!r}" for k, v, ok in (
+        ("norm", cfg.norm, cfg.norm == "layernorm"), ("bias", cfg.bias, cfg.bias),
+        ("qkv_bias", cfg.qkv_bias, cfg.qkv_bias),
+        ("n_kv_head", cfg.n_kv_head, cfg.n_kv_head == cfg.n_head),
+        ("head_dim", cfg.head_dim, cfg.head_dim * cfg.n_head == cfg.d_model),
+    ) if not ok]
+    if problems:
+        raise InputError(f"an encoder exports as BERT, which cannot express {', '.join(problems)}")
+    return {
+        "architectures": ["BertForMaskedLM"], "model_type": "bert",
+        "hidden_size": cfg.d_model, "num_hidden_layers": cfg.n_layer,
+        "num_attention_heads": cfg.n_head, "intermediate_size": cfg.d_ff,
+        "hidden_act": "gelu" if cfg.mlp == "gelu_exact" else "gelu_new",
+        "max_position_embeddings": cfg.max_seq_len, "type_vocab_size": type_vocab_size,
+        "layer_norm_eps": cfg.norm_eps, "hidden_dropout_prob": cfg.dropout,
+        "attention_probs_dropout_prob": cfg.dropout, "position_embedding_type": "absolute",
+        "is_decoder": False, **_common_hf_config(cfg, dtype),
+    }
+
+
 def hf_config_from(cfg: ModelConfig, dtype: torch.dtype = torch.float32) -> dict[str, Any]:
     """The Hugging Face config.json (as a dict) of an lmlab ModelConfig."""
-    common = {"vocab_size": cfg.vocab_size, "tie_word_embeddings": cfg.tie_embeddings,
-              "initializer_range": cfg.init_std,
-              # v4 reads torch_dtype, v5 dtype
-              "torch_dtype": _dtype_name(dtype), "dtype": _dtype_name(dtype)}
+    common = _common_hf_config(cfg, dtype)
     if cfg.pos_emb == "learned":
         problems = [f"{k}={v!r}" for k, v, ok in (
             ("norm", cfg.norm, cfg.norm == "layernorm"),
@@ -337,18 +441,27 @@ def _tensor_map(cfg: ModelConfig, hf_config: dict[str, Any]) -> list[_Tensor]:
 
 # ---------------------------------------------------------------- state dicts
 
-def to_hf_state_dict(model: Transformer) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
+def to_hf_state_dict(model: Transformer | Encoder
+                     ) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
     """(Hugging Face config dict, Hugging Face state dict) of an lmlab model.
 
     Tensors are fresh copies (safetensors refuses views that share storage); a
     tied output head is left out, as `transformers` saves it.
     """
+    if model.kind not in ("transformer", "bert"):
+        raise InputError(f"model kind {model.kind!r} has no Hugging Face counterpart; "
+                         "export-hf takes a transformer or a bert")
     cfg = model.cfg
     ours = model.state_dict()
     dtype = model.tok_emb.weight.dtype
-    hf_config = hf_config_from(cfg, dtype)
+    if model.kind == "bert":
+        hf_config = bert_hf_config(cfg, model.type_vocab_size, dtype)
+        tensors = _bert_tensors(cfg, pooler=True)
+    else:
+        hf_config = hf_config_from(cfg, dtype)
+        tensors = _tensor_map(cfg, hf_config)
     state: dict[str, torch.Tensor] = {}
-    for t in _tensor_map(cfg, hf_config):
+    for t in tensors:
         if not t.hf:
             # hf_config_from picks an architecture with every bias lmlab has
             assert t.ours is None, f"{t.ours} has no Hugging Face counterpart"
@@ -363,41 +476,60 @@ def to_hf_state_dict(model: Transformer) -> tuple[dict[str, Any], dict[str, torc
         parts = tensor.split(list(t.sizes)) if len(t.hf) > 1 else (tensor,)
         for name, part in zip(t.hf, parts):
             state[name] = part.contiguous().clone()
+    if model.kind == "bert" and not cfg.tie_embeddings:
+        state[_BERT_DECODER_BIAS] = state[_BERT_BIAS].clone()
     return hf_config, state
 
 
 def _canonical_hf_keys(model_type: str, state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """Prefix the keys of a bare base model (GPT2Model, LlamaModel, old hub GPT-2 files)
-    as the *ForCausalLM class names them, and drop recomputed buffers."""
-    prefix = "transformer." if model_type == "gpt2" else "model."
+    """Prefix the keys of a bare base model (GPT2Model, LlamaModel, BertModel, old hub GPT-2
+    files) as the *ForCausalLM / BertForMaskedLM class names them, rename old BERT files'
+    LayerNorm.gamma / beta, and drop recomputed buffers."""
+    prefix = {"gpt2": "transformer.", "bert": "bert."}.get(model_type, "model.")
+    head = "cls." if model_type == "bert" else "lm_head."
     out = {}
     for key, value in state.items():
         if _IGNORED_HF_KEYS.search(key) or not isinstance(value, torch.Tensor):
             continue
-        if not key.startswith(prefix) and not key.startswith("lm_head."):
+        if not key.startswith(prefix) and not key.startswith(head):
             key = prefix + key
+        if model_type == "bert":  # old files name a LayerNorm's weight and bias gamma, beta
+            key = re.sub(r"LayerNorm\.gamma$", "LayerNorm.weight", key)
+            key = re.sub(r"LayerNorm\.beta$", "LayerNorm.bias", key)
         out[key] = value
+    if model_type == "bert" and _BERT_DECODER_BIAS in out:  # the bias the decoder adds
+        out[_BERT_BIAS] = out.pop(_BERT_DECODER_BIAS)
     return out
 
 
-def from_hf(hf_config: dict[str, Any], state_dict: dict[str, torch.Tensor]) -> Transformer:
-    """An lmlab Transformer holding the weights of a Hugging Face checkpoint.
+def from_hf(hf_config: dict[str, Any], state_dict: dict[str, torch.Tensor]
+            ) -> Transformer | Encoder:
+    """An lmlab Transformer (a BERT: an Encoder) holding the weights of a Hugging Face
+    checkpoint.
 
     The weights keep their stored dtype. A checkpoint without `lm_head.weight`
     ties the output head to the embedding, as `transformers` does.
     """
+    model_type = hf_config["model_type"]
     cfg = config_from_hf(hf_config)
-    hf_state = _canonical_hf_keys(hf_config["model_type"], state_dict)
-    if not cfg.tie_embeddings and "lm_head.weight" not in hf_state:
+    hf_state = _canonical_hf_keys(model_type, state_dict)
+    head = "cls.predictions.decoder.weight" if model_type == "bert" else "lm_head.weight"
+    if not cfg.tie_embeddings and head not in hf_state:
         cfg.tie_embeddings = True
     if cfg.tie_embeddings:
         # transformers ignores a stored head when the config ties it; so do we
-        hf_state.pop("lm_head.weight", None)
+        hf_state.pop(head, None)
+    if model_type == "bert":
+        kind = "bert"
+        config = {**cfg.to_dict(), "type_vocab_size": hf_config.get("type_vocab_size", 2)}
+        tensors = _bert_tensors(cfg, pooler=_BERT_POOLER in hf_state)
+    else:
+        kind, config, tensors = "transformer", cfg.to_dict(), _tensor_map(cfg, hf_config)
 
     ours: dict[str, torch.Tensor] = {}
     used: set[str] = set()
     missing: list[str] = []
-    for t in _tensor_map(cfg, hf_config):
+    for t in tensors:
         if t.ours is None:
             continue  # config_from_hf gives lmlab every bias HF has; else "unexpected" below
         if not t.hf:  # a bias lmlab's config must have for another side's sake: zero here
@@ -418,7 +550,10 @@ def from_hf(hf_config: dict[str, Any], state_dict: dict[str, torch.Tensor]) -> T
             f"{'...' if len(missing) > 5 else ''}, unexpected {unexpected[:5]}"
             f"{'...' if len(unexpected) > 5 else ''}"
         )
-    model = build_model("transformer", cfg.to_dict())
+    model = build_model(kind, config)
+    if kind == "bert" and _BERT_POOLER not in hf_state:
+        # BertForMaskedLM has no pooler: lmlab's stays as initialised, for fine-tuning to train
+        ours.update({k: v for k, v in model.state_dict().items() if k.startswith("pooler.")})
     load_state_dict_strict(model, ours, f"{hf_config['model_type']} checkpoint")
     cast_parameters(model, ours["tok_emb.weight"].dtype)
     return model.eval()

@@ -10,7 +10,11 @@ names the classes (id = index):
 - "classifier": any causal language model of lmlab (a pretrained Transformer) as
   its body, and a head on the hidden state of each row's last real token: in a
   causal model that is the one position that has read the whole text (pads to
-  its right cannot reach it). `freeze_body()` makes it a linear probe.
+  its right cannot reach it). A bidirectional body (the "bert" encoder) reads
+  the whole text at every position, pads included unless it is told which they
+  are: it gets the padding mask, and the head reads its pooled output (BERT's
+  tanh(W h₀ + b) of the first token) or the mean over the real tokens.
+  `freeze_body()` makes it a linear probe.
 
     p(y | text) = softmax(W · pool(h(text)) + b)
 
@@ -57,6 +61,7 @@ def _logits_or_loss(logits: torch.Tensor, targets: torch.Tensor | None, reductio
 class LSTMClassifier(nn.Module):
     """Embedding → LSTM → mean over the text's tokens → dropout → Dense (kind "lstm-classifier")."""
 
+    objective = "classify"
     FIELDS = ("vocab_size", "num_labels", "labels", "d_embed", "hidden", "n_layer",
               "bidirectional", "cell", "dropout", "pad_id", "max_len")
 
@@ -105,18 +110,27 @@ class LSTMClassifier(nn.Module):
 
 @register_kind("classifier")
 class SequenceClassifier(nn.Module):
-    """A causal language model's last real token's hidden state → Dense (kind "classifier").
+    """A language model's pooled hidden states → Dense (kind "classifier").
 
     The body is any kind whose forward takes `return_hidden=True` and returns the
-    final hidden states (B, T, d) (the Transformer does)."""
+    final hidden states (B, T, d) (the Transformer and the encoder do); one that
+    is `bidirectional` also takes `attention_mask` (B, T) and may have `pooled(h)`.
+    `pool` "auto" is the encoder's "pooler", a causal body's "last"."""
+
+    objective = "classify"
 
     def __init__(self, body: nn.Module, num_labels: int = 2, labels: list[str] | None = None,
-                 pool: Literal["last", "mean"] = "last", dropout: float = 0.0,
+                 pool: Literal["auto", "last", "mean", "pooler"] = "auto", dropout: float = 0.0,
                  max_len: int | None = None):
         super().__init__()
         self.max_len = max_len  # the text length (tokens) it was trained on; predict cuts to it
-        if pool not in ("last", "mean"):
-            raise ConfigError(f"model.pool={pool!r}; expected 'last' or 'mean'")
+        self.bidirectional = getattr(body, "bidirectional", False)
+        has_pooler = self.bidirectional and hasattr(body, "pooled")
+        if pool == "auto":
+            pool = "pooler" if has_pooler else "last"
+        if pool not in ("last", "mean", "pooler") or (pool == "pooler" and not has_pooler):
+            raise ConfigError(f"model.pool={pool!r}; expected 'last', 'mean' or (for a body "
+                              "with a pooler, the bert kind) 'pooler'")
         self.labels = _labels(labels, num_labels)
         self.body = body
         self.pool, self.num_labels, self.dropout_p = pool, num_labels, dropout
@@ -162,14 +176,20 @@ class SequenceClassifier(nn.Module):
 
     def forward(self, ids: torch.Tensor, lengths: torch.Tensor | None = None,
                 targets: torch.Tensor | None = None, reduction: str = "mean"):
-        h = self.body(ids, return_hidden=True)  # (B, T, d)
         B, T = ids.shape
         if lengths is None:
             lengths = torch.full((B,), T, device=ids.device)
         lengths = lengths.to(ids.device).clamp(1, T)
-        if self.pool == "last":
+        real = torch.arange(T, device=ids.device)[None] < lengths[:, None]  # (B, T)
+        # a causal body's real tokens never see the pads to their right; a bidirectional one's
+        # would, unless told
+        h = (self.body(ids, attention_mask=real, return_hidden=True) if self.bidirectional
+             else self.body(ids, return_hidden=True))  # (B, T, d)
+        if self.pool == "pooler":
+            pooled = self.body.pooled(h)
+        elif self.pool == "last":
             pooled = h[torch.arange(B, device=ids.device), lengths - 1]
         else:
-            mask = (torch.arange(T, device=ids.device)[None] < lengths[:, None]).to(h.dtype)
+            mask = real.to(h.dtype)
             pooled = (h * mask[..., None]).sum(1) / lengths[:, None].to(h.dtype)
         return _logits_or_loss(self.head(self.drop(pooled)), targets, reduction)

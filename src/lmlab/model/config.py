@@ -11,6 +11,10 @@ GPT-2 and LLaMA are the same network with different switches:
 | `qkv_bias`    | True             | False (Qwen2: True)           |
 | `n_kv_head`   | = n_head         | < n_head (grouped-query attn) |
 
+("gelu" is GPT-2's tanh approximation; BERT's exact GELU is `mlp="gelu_exact"`.)
+The BERT-style encoder (kind "bert", `lmlab.model.encoder`) takes the same
+config for its shapes; its sizes are the `bert-*` presets of `ENCODER_PRESETS`.
+
 Presets are built from a few dials (depth, width, heads) so that a user picks a
 size by name and every other number follows.
 """
@@ -37,7 +41,7 @@ class ModelConfig:
     max_seq_len: int = 256
     pos_emb: Literal["learned", "rope"] = "learned"
     norm: Literal["layernorm", "rmsnorm"] = "layernorm"
-    mlp: Literal["gelu", "swiglu"] = "gelu"
+    mlp: Literal["gelu", "gelu_exact", "swiglu"] = "gelu"
     bias: bool = True  # biases in every Linear and LayerNorm
     qkv_bias: bool | None = None  # None: same as `bias`; Qwen2 has qkv biases only
     tie_embeddings: bool = True
@@ -77,7 +81,7 @@ class ModelConfig:
         for name, allowed in (
             ("pos_emb", ("learned", "rope")),
             ("norm", ("layernorm", "rmsnorm")),
-            ("mlp", ("gelu", "swiglu")),
+            ("mlp", ("gelu", "gelu_exact", "swiglu")),
         ):
             if getattr(self, name) not in allowed:
                 raise ConfigError(f"model.{name}={getattr(self, name)!r}; expected one of {allowed}")
@@ -149,10 +153,28 @@ PRESETS: dict[str, dict[str, Any]] = {
 }
 
 
-def preset(name: str, **overrides: Any) -> ModelConfig:
-    """A named size, e.g. ``preset("small", vocab_size=8192)``."""
-    if name not in PRESETS:
-        raise ConfigError(f"unknown model preset {name!r}; choose one of {sorted(PRESETS)}")
-    fields = dict(PRESETS[name])
+def _bert(n_layer: int, d_model: int, n_head: int, **kw) -> dict[str, Any]:
+    base = dict(mlp="gelu_exact", norm_eps=1e-12, max_seq_len=512, vocab_size=30522)
+    base.update(kw)
+    return dict(n_layer=n_layer, d_model=d_model, n_head=n_head, **base)
+
+
+# the bert kind's sizes: Google's BERT-Tiny, -Mini, -Small (Turc et al. 2019) and BERT-Base
+ENCODER_PRESETS: dict[str, dict[str, Any]] = {
+    "bert-tiny": _bert(2, 128, 2),
+    "bert-mini": _bert(4, 256, 4),
+    "bert-small": _bert(4, 512, 8),
+    "bert-base": _bert(12, 768, 12),
+}
+
+
+def preset(name: str, presets: dict[str, dict[str, Any]] = PRESETS,
+           **overrides: Any) -> ModelConfig:
+    """A named size, e.g. ``preset("small", vocab_size=8192)`` (`presets`: the table to look in)."""
+    if name not in presets:
+        hint = (" (an encoder's: set --model.kind bert)"
+                if presets is PRESETS and name in ENCODER_PRESETS else "")
+        raise ConfigError(f"unknown model preset {name!r}{hint}; choose one of {sorted(presets)}")
+    fields = dict(presets[name])
     fields.update({k: v for k, v in overrides.items() if v is not None})
     return ModelConfig.from_dict(fields)

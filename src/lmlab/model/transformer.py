@@ -18,6 +18,9 @@ come from one fused Linear, and SwiGLU's gate and up projections from another,
 so each costs one matmul. `lmlab.interop` maps them to and from Hugging Face.
 The key/value cache for generation lives here too (`KVCache`), because which
 positions a query may attend to is part of the model's arithmetic.
+
+`lmlab.model.encoder` builds a BERT-style encoder from the same layers: blocks
+with `causal=False` (every query sees every real key) and `post_norm=True`.
 """
 
 from __future__ import annotations
@@ -279,8 +282,12 @@ def _blocked_attention_wins(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -
 
 
 class Attention(nn.Module):
-    def __init__(self, cfg: ModelConfig):
+    """Self-attention: causal (a decoder's), or with `causal=False` an encoder's, in which every
+    query sees every key that `attn_mask` lets through (the padding mask, or none)."""
+
+    def __init__(self, cfg: ModelConfig, causal: bool = True):
         super().__init__()
+        self.causal = causal
         self.n_head, self.n_kv_head, self.head_dim = cfg.n_head, cfg.n_kv_head, cfg.head_dim
         q_dim, kv_dim = cfg.n_head * cfg.head_dim, cfg.n_kv_head * cfg.head_dim
         self.qkv = Linear(cfg.d_model, q_dim + 2 * kv_dim, bias=cfg.qkv_bias)
@@ -309,6 +316,9 @@ class Attention(nn.Module):
                    q.dtype, attn_mask is not None)
             y = fastpath.run("decode_attention", key, _DECODE_ATTENTION, q, k, v, attn_mask,
                              fields=_DECODE_KEY)
+            return self.proj(y.transpose(1, 2).reshape(B, T, -1))
+        if not self.causal:  # bidirectional: no causal mask, so no blocked path either
+            y = _attention_sdpa(q, k, v, attn_mask, self.dropout if self.training else 0.0)
             return self.proj(y.transpose(1, 2).reshape(B, T, -1))
         # training on a CPU: the blocked path where its backward measures faster than SDPA's
         blocked = (attn_mask is None and not past and T > 1 and x.device.type == "cpu"
@@ -340,13 +350,14 @@ def _pow2_at_least(n: int) -> int:
     return 1 << (n - 1).bit_length()
 
 
-def _decode_attention_sdpa(q, k, v, mask):
-    """The plain op: SDPA, its K/V heads shared inside the kernel (torch ≥ 2.5) or repeated."""
+def _attention_sdpa(q, k, v, mask, dropout_p: float = 0.0):
+    """SDPA without a causal mask (`mask`: True = may attend), its K/V heads shared inside the
+    kernel (torch ≥ 2.5) or repeated: a decode step's plain op, and an encoder's attention."""
     rep = q.shape[1] // k.shape[1]
     if rep > 1 and not _SDPA_GQA:
         k, v = k.repeat_interleave(rep, dim=1), v.repeat_interleave(rep, dim=1)
     gqa = {"enable_gqa": True} if rep > 1 and _SDPA_GQA else {}
-    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, **gqa)
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout_p, **gqa)
 
 
 def _decode_attention_matmul(q, k, v, mask):
@@ -372,18 +383,21 @@ _DECODE_KEY = ("batch", "heads", "kv_heads", "head_dim", "keys_up_to", "dtype", 
 # a decode step on a CPU: which is faster depends on the CPU (and torch's SDPA kernel); timed
 # in place over the first steps of each shape by fastpath.run (key lengths bucketed by powers
 # of two), SDPA kept unless the two products are ≥ 5 % faster
-_DECODE_ATTENTION = {fastpath.PLAIN: _decode_attention_sdpa, "matmul": _decode_attention_matmul}
+_DECODE_ATTENTION = {fastpath.PLAIN: _attention_sdpa, "matmul": _decode_attention_matmul}
 
 
 _GELU_2C = 2 * math.sqrt(2 / math.pi)
 
 
 class MLP(nn.Module):
-    """GELU: proj(gelu(fc x)).  SwiGLU: proj(silu(gate x) * (up x)), gate and up fused in fc."""
+    """GELU: proj(gelu(fc x)).  SwiGLU: proj(silu(gate x) * (up x)), gate and up fused in fc.
+
+    "gelu" is GPT-2's tanh approximation, "gelu_exact" BERT's x·Φ(x) (they differ by ~1e-3)."""
 
     def __init__(self, cfg: ModelConfig):
         super().__init__()
         self.swiglu = cfg.mlp == "swiglu"
+        self.exact_gelu = cfg.mlp == "gelu_exact"
         n_in = 2 * cfg.d_ff if self.swiglu else cfg.d_ff
         self.fc = Linear(cfg.d_model, n_in, bias=cfg.bias)
         self.proj = Linear(cfg.d_ff, cfg.d_model, bias=cfg.bias)
@@ -394,6 +408,8 @@ class MLP(nn.Module):
         if self.swiglu:
             gate, up = h.chunk(2, dim=-1)
             h = F.silu(gate) * up
+        elif self.exact_gelu:
+            h = F.gelu(h)  # BERT's x·Φ(x), Φ the normal CDF
         elif torch.compiler.is_compiling():
             # GPT-2's "gelu_new", ½x(1 + tanh u) = x·σ(2u): the same function, and inductor's
             # sigmoid kernel (with its derivative) is twice as fast as its tanh on a CPU
@@ -404,15 +420,22 @@ class MLP(nn.Module):
 
 
 class Block(nn.Module):
-    def __init__(self, cfg: ModelConfig):
+    """Pre-norm x + F(Norm(x)) (a decoder's); `post_norm`: Norm(x + F(x)), BERT's order.
+    `causal=False` makes its attention bidirectional (an encoder's)."""
+
+    def __init__(self, cfg: ModelConfig, causal: bool = True, post_norm: bool = False):
         super().__init__()
+        self.post_norm = post_norm
         self.norm1 = make_norm(cfg)
-        self.attn = Attention(cfg)
+        self.attn = Attention(cfg, causal)
         self.norm2 = make_norm(cfg)
         self.mlp = MLP(cfg)
         self.dropout = nn.Dropout(cfg.dropout)
 
     def forward(self, x, rope=None, cache=None, layer=0, attn_mask=None):
+        if self.post_norm:
+            x = self.norm1(x + self.dropout(self.attn(x, rope, cache, layer, attn_mask)))
+            return self.norm2(x + self.mlp(x))
         x = x + self.dropout(self.attn(self.norm1(x), rope, cache, layer, attn_mask))
         return x + self.mlp(self.norm2(x))
 
