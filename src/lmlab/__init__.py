@@ -6,6 +6,8 @@
     >>> print(lm.generate("def ", max_new_tokens=40))
     >>> lmlab.load("runs/classify").classify(["这本书太好看了"])   # a classifier's directory
     [('pos', {'neg': 0.03, 'pos': 0.97})]
+    >>> lmlab.load("runs/zh-en").seq2seq(["火车站"])   # an encoder–decoder's directory
+    ['train station']
 """
 
 from __future__ import annotations
@@ -44,6 +46,18 @@ class LoadedModel:
 
         one = isinstance(texts, str)
         out = predict(self.model, self.tokenizer, [texts] if one else list(texts), batch_size)
+        return out[0] if one else out
+
+    def seq2seq(self, texts: "str | list[str]", beam: int = 4, length_penalty: float = 1.0,
+                max_new_tokens: int | None = None, batch_size: int = 32):
+        """For an encoder–decoder (`lmlab seq2seq train`): the translation / summary of each
+        text, by beam search (`beam=1`: greedy); one string for one string."""
+        from lmlab.train.seq2seq import generate_texts, load_tokenizers
+
+        one = isinstance(texts, str)
+        source, target = load_tokenizers(self.path, self.model)
+        out = generate_texts(self.model, source, target, [texts] if one else list(texts), beam,
+                             length_penalty, max_new_tokens, batch_size)
         return out[0] if one else out
 
 

@@ -23,8 +23,10 @@ from typing import Literal, Optional
 import yaml
 
 from lmlab.checks import check_fields
+from lmlab.errors import ConfigError
 from lmlab.model import DEFAULT_KIND, build_from_spec
 from lmlab.model.config import ModelConfig
+from lmlab.model.seq2seq import Seq2SeqSpec
 
 
 # fields of the kinds that are not a Transformer, beyond ModelConfig's (`--model.NAME`); a
@@ -33,6 +35,7 @@ KIND_FIELDS: dict[str, object] = {
     "order": int,  # ngram: tokens per n-gram (the context is order − 1 tokens)
     "discount": float,  # ngram: a fixed Kneser–Ney discount (unset: estimated per order)
     "d_embed": int,  # recurrent: embedding width (unset: d_model)
+    "type_vocab_size": int,  # bert: token types (segments) it embeds (unset: 2, BERT's A and B)
 }
 
 
@@ -55,7 +58,7 @@ def _model_spec_class():
 
     return dataclasses.make_dataclass("ModelSpec", fields, namespace={
         "__doc__": "A model kind (default: transformer), a named preset (`tiny`, `small`, "
-                   "`gpt2-124m`, `llama-*`) and overrides of its fields.",
+                   "`gpt2-124m`, `llama-*`; kind bert: `bert-*`) and overrides of its fields.",
         "build_model": build_model,
     })
 
@@ -106,6 +109,8 @@ class PretrainConfig:
     seq_len: Optional[int] = None  # default: model.max_seq_len
     resume: bool = False  # continue from the newest checkpoint in out_dir
     overwrite: bool = False  # replace what out_dir holds (its checkpoints too) and start again
+    # clm: next-token prediction (causal kinds); mlm: masked tokens (BERT; --model.kind bert)
+    objective: Literal["clm", "mlm"] = "clm"
     model: ModelSpec = field(default_factory=ModelSpec)
     train: TrainConfig = field(default_factory=TrainConfig)
 
@@ -117,7 +122,9 @@ class PretrainConfig:
 class ClassifierSpec:
     """The classifier: a head on a pretrained body (`--model`), or the seeds' LSTM from scratch."""
 
-    pool: Literal["last", "mean"] = "last"  # body: last real token (causal) or mean
+    # auto: an encoder's pooler (its first token's tanh(W h + b)), a causal body's last real
+    # token (the one that has read the whole text); or the mean over the real tokens
+    pool: Literal["auto", "last", "mean", "pooler"] = "auto"
     freeze_body: bool = False  # train the head only: a linear probe
     dropout: float = 0.1
     # from scratch (kind "lstm-classifier"): Embedding → LSTM → Dense
@@ -162,6 +169,44 @@ class ClassifyConfig:
     def __post_init__(self) -> None:
         check_fields(self, "", vocab_size=">=260", val_fraction="(0,1)", test_fraction="[0,1)",
                      max_len=">=1")
+
+
+def _seq2seq_train() -> TrainConfig:
+    return TrainConfig(batch_size=64, max_steps=3000, lr=1e-3, warmup_steps=200, eval_every=500,
+                       eval_tokens=0, log_every=10, checkpoint_every=500, keep_checkpoints=1,
+                       weight_decay=0.01)
+
+
+@dataclass
+class Seq2SeqConfig:
+    """`lmlab seq2seq train`: source → target pairs, an encoder–decoder, one run (the one loop)."""
+
+    data: str = "stdlib-summaries"  # or "cedict-zh-en", or a .jsonl / .tsv file of pairs
+    source_field: str = "source"
+    target_field: str = "target"
+    val_fraction: float = 0.05
+    test_fraction: float = 0.05
+    split_seed: int = 0
+    tokenizer: Optional[str] = None  # shared (or, with vocab=separate, the target's); default:
+    source_tokenizer: Optional[str] = None  # trained on the train split, as is this one
+    vocab: Literal["shared", "separate"] = "shared"  # one tokenizer and embedding, or two
+    vocab_size: int = 8192  # of each tokenizer trained here
+    label_smoothing: float = 0.1
+    bleu_rows: int = 64  # val pairs decoded greedily at each evaluation for val BLEU (0: none)
+    beam: int = 4  # beam size for the test split (1: greedy)
+    length_penalty: float = 1.0  # α in score = log p / length^α
+    out_dir: str = "runs/seq2seq"
+    resume: bool = False
+    overwrite: bool = False
+    model: Seq2SeqSpec = field(default_factory=Seq2SeqSpec)
+    train: TrainConfig = field(default_factory=_seq2seq_train)
+
+    def __post_init__(self) -> None:
+        check_fields(self, "", vocab_size=">=260", val_fraction="(0,1)", test_fraction="[0,1)",
+                     label_smoothing="[0,1)", bleu_rows=">=0", beam=">=1")
+        if self.source_tokenizer and self.vocab == "shared":
+            raise ConfigError("source_tokenizer needs --vocab separate (with one shared "
+                              "vocabulary, --tokenizer serves both sides)")
 
 
 def to_yaml(cfg) -> str:

@@ -75,6 +75,7 @@ import torch
 import torch.nn.functional as F
 
 from lmlab.errors import InputError
+from lmlab.model import device_of, require_causal_lm
 
 try:  # the `lmlab[harness]` extra
     from lm_eval.api.model import TemplateLM as _TemplateLM
@@ -129,9 +130,10 @@ class LmlabLM(_TemplateLM):
 
             loaded = lmlab.load(model_dir, device=device, dtype=dtype)
         self.loaded = loaded
+        require_causal_lm(loaded.model, f"lm-eval on {model_dir or 'the model'}")
         self.model = loaded.model.eval()
         self.tokenizer = loaded.tokenizer
-        self._device = next(self.model.parameters()).device
+        self._device = device_of(self.model)
         self.batch_size = max(1, int(batch_size))
         self.batch_tokens = max(1, int(batch_tokens))
         self._max_length = max_length or getattr(self.model, "max_seq_len", None)

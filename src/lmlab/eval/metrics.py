@@ -154,6 +154,29 @@ def bleu(hyps: Sequence[str], refs: Sequence[str]) -> dict:
     return {"bleu": float(score.score), "signature": str(metric.get_signature())}
 
 
+BLEU_STATS = 10  # hypothesis length, reference length, matched and total n-grams, n = 1..4
+
+
+def bleu_stats(hyps: Sequence[str], refs: Sequence[str], tokenize: str) -> list[int]:
+    """BLEU's sufficient statistics of these rows, summed (sacrebleu's layout, `BLEU_STATS`
+    numbers). They add over rows, so corpus BLEU of a set scored in batches, or on several
+    processes, is `bleu_from_stats` of their sum (sacrebleu's significance tests do the same)."""
+    from sacrebleu.metrics import BLEU
+
+    _same_length(hyps, refs)
+    if not refs:
+        return [0] * BLEU_STATS
+    rows = BLEU(tokenize=tokenize)._extract_corpus_statistics(list(hyps), [list(refs)])
+    return [int(x) for x in np.sum(rows, axis=0)]
+
+
+def bleu_from_stats(stats: Sequence[float]) -> float:
+    """Corpus BLEU (0-100) from summed `bleu_stats` (sacrebleu's default smoothing)."""
+    from sacrebleu.metrics import BLEU
+
+    return float(BLEU()._compute_score_from_stats([int(x) for x in stats]).score)
+
+
 def chrf(hyps: Sequence[str], refs: Sequence[str]) -> dict:
     """Corpus chrF (0-100; character 6-grams, β = 2) with sacrebleu's signature."""
     from sacrebleu.metrics import CHRF

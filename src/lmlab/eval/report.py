@@ -333,6 +333,11 @@ def report_card(model_dir: str | os.PathLike, tasks: Sequence[str] | None = None
     dev = str(pick_device(device))
     lm_a = lmlab.load(model_dir, device=dev)
     lm_b = lmlab.load(compare, device=dev) if compare is not None else None
+    from lmlab.model import require_causal_lm
+
+    for path, lm in ((model_dir, lm_a), (compare, lm_b)):
+        if lm is not None:
+            require_causal_lm(lm.model, f"lmlab eval {path}")
     notes: list[str] = []
     if lm_b is not None and lm_b.tokenizer.hash != lm_a.tokenizer.hash:
         notes.append("the two models have different tokenizers: their perplexities are per "

@@ -92,6 +92,7 @@ from pathlib import Path
 from typing import Callable, Iterable, Sequence
 
 from lmlab.errors import InputError
+from lmlab.model import device_of
 
 log = logging.getLogger(__name__)
 
@@ -326,7 +327,7 @@ def choice_logprobs(model, tokenizer, pairs: Sequence[tuple[str, str]], batch_si
                             "its first tokens are not scored", len(cont), limit)
             seq = seq[-(limit + 1):]  # the context's start gives way
         seqs.append((seq, min(len(cont), len(seq) - 1)))
-    device = next(model.parameters()).device
+    device = device_of(model)
     order = sorted(range(len(seqs)), key=lambda i: len(seqs[i][0]))
     out = [0.0] * len(seqs)
     pad = tokenizer.pad_id if tokenizer.pad_id is not None else 0

@@ -52,6 +52,7 @@ import torch
 from torch import nn
 
 from lmlab.infer.sampling import GenerationError, check_sampling_args, sample_next
+from lmlab.model import device_of, require_causal_lm
 
 __all__ = [
     "generate", "generate_ids", "stream_text", "generate_text", "TextStreamer", "GenerationError",
@@ -186,7 +187,8 @@ class _Decoder:
 
     def __init__(self, model: nn.Module, rows: list[list[int]], n_new: int,
                  temperature: float, top_k: int | None, top_p: float | None, seed: int | None):
-        device = next(model.parameters()).device
+        require_causal_lm(model, "generate")
+        device = device_of(model)
         self.model = model
         self.batch_size = len(rows)
         self.sampling = dict(temperature=temperature, top_k=top_k, top_p=top_p)

@@ -37,15 +37,26 @@ What a kind provides (the protocol the rest of lmlab talks to):
   optional:
     flops_per_token(seq_len) -> float training FLOPs per token, for MFU
     num_params() -> int
+    objective: str                    what it predicts: "clm" (the next token; the
+                                      default), "mlm" (an encoder), "seq2seq",
+                                      "classify"; only "clm" models are scored and
+                                      sampled as language models
+    default_seq_len: int              the training window when a kind without a
+                                      max_seq_len is given no --seq_len
+    fit_counts(...)                   a model that is counted, not trained (the
+                                      n-gram): pretraining hands it to
+                                      `train.runner.fit_task`, not the Trainer
 """
 
 from __future__ import annotations
 
+import itertools
 from typing import Any
 
+import torch
 from torch import nn
 
-from lmlab.errors import ConfigError
+from lmlab.errors import ConfigError, InputError
 
 _KINDS: dict[str, type[nn.Module]] = {}
 DEFAULT_KIND = "transformer"  # what a config.json without "kind" (lmlab ≤ 0.1) holds
@@ -77,6 +88,25 @@ def build_model(kind: str, config: dict[str, Any]) -> nn.Module:
     return model_class(kind).from_config_dict(dict(config))
 
 
+def device_of(model: nn.Module):
+    """Where `model` lives: its first parameter's device, or its first buffer's (a counted
+    model such as the n-gram holds buffers only)."""
+    for t in itertools.chain(model.parameters(), model.buffers()):
+        return t.device
+    return torch.device("cpu")
+
+
+def require_causal_lm(model: nn.Module, what: str) -> None:
+    """One line, exit 2, for a model that `what` (next-token scoring or sampling) cannot use."""
+    objective = getattr(model, "objective", "clm")
+    if objective != "clm":
+        why = {"mlm": "a bidirectional encoder, trained by masked LM, sees the token it predicts",
+               "seq2seq": "an encoder–decoder; use `lmlab seq2seq generate`",
+               "classify": "a classifier; use `lmlab classify`"}.get(objective, objective)
+        raise InputError(f"{what}: model kind {getattr(model, 'kind', '?')!r} is not a "
+                         f"next-token language model ({why})")
+
+
 def build_from_spec(kind: str, fields: dict[str, Any]) -> nn.Module:
     """A fresh model of `kind` from a run config's model fields (presets resolved by the kind)."""
     return model_class(kind).from_spec(dict(fields))
@@ -86,8 +116,12 @@ def build_from_spec(kind: str, fields: dict[str, Any]) -> nn.Module:
 from lmlab.model.config import PRESETS, ModelConfig, preset  # noqa: E402
 from lmlab.model.transformer import KVCache, Transformer  # noqa: E402
 from lmlab.model.classifier import LSTMClassifier, SequenceClassifier  # noqa: E402
+from lmlab.model.seq2seq import Seq2Seq  # noqa: E402,F401
 from lmlab.model.recurrent import ElmanRNNLM, GRULM, LSTMLM  # noqa: E402
+from lmlab.model.ngram import NGramLM  # noqa: E402
+from lmlab.model.encoder import Encoder  # noqa: E402,F401
 
 __all__ = ["ModelConfig", "preset", "PRESETS", "Transformer", "KVCache", "LSTMClassifier",
-           "SequenceClassifier", "LSTMLM", "ElmanRNNLM", "GRULM", "register_kind",
-           "model_class", "model_kinds", "build_model", "build_from_spec", "DEFAULT_KIND"]
+           "SequenceClassifier", "LSTMLM", "ElmanRNNLM", "GRULM", "NGramLM", "register_kind",
+           "model_class", "model_kinds", "device_of", "require_causal_lm", "build_model", "build_from_spec",
+           "DEFAULT_KIND"]

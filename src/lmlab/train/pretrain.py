@@ -7,8 +7,12 @@ the inputs shifted by one, the loss is the mean cross-entropy of the targets
 divided by its UTF-8 bytes — a figure comparable across tokenizers, and with
 compressors such as xz; see `lmlab.eval`).
 
+With `--objective mlm` the task is `lmlab.train.mlm.MaskedLMTask` instead: BERT's
+masked language modelling, for a bidirectional encoder (kind "bert").
+
 `pretrain(cfg)` builds the model of any registered kind from a
-`PretrainConfig` and hands it with the task to `lmlab.train.runner.run_task`.
+`PretrainConfig` and hands it with the task to `lmlab.train.runner.run_task` (or, for a
+model that is counted rather than trained, the n-gram, to `fit_task`).
 """
 
 from __future__ import annotations
@@ -24,10 +28,11 @@ from lmlab.data.loader import WindowBatches, eval_windows
 from lmlab.data.shards import TokenShards
 from lmlab.errors import ConfigError, InputError
 from lmlab.eval import bits_per_byte, perplexity
+from lmlab.model import model_class
 from lmlab.model_io import has_tokenizer_files
 from lmlab.outputs import absolute
 from lmlab.tokenizer import Tokenizer
-from lmlab.train.runner import RunResult, run_task
+from lmlab.train.runner import RunResult, fit_task, run_task
 
 log = logging.getLogger(__name__)
 
@@ -52,6 +57,12 @@ class LanguageModelingTask:
     def loss(self, model, batch):
         x, y = batch
         return model(x, targets=y)  # mean cross-entropy, logits never materialised
+
+    def train_chunks(self, tokens: int = 1 << 21):
+        """The training split in order, in consecutive pieces (for a model that counts it)."""
+        split = self.train.shards
+        for start in range(0, len(split), tokens):
+            yield split.slice(start, min(start + tokens, len(split)))
 
     def tokens_per_step(self, accum, world):
         return self.batch_size * self.seq_len * accum * world
@@ -103,13 +114,30 @@ def pretrain(cfg: PretrainConfig, callback=None, claim=None) -> RunResult:
         raise InputError(f"{cfg.data}: shards were made with another tokenizer than {tok_dir} "
                          "(hash differs); prepare the data again with this tokenizer")
 
+    objective = getattr(model_class(cfg.model.kind), "objective", "clm")
+    if objective != cfg.objective:
+        hint = {"mlm": "a bidirectional encoder would see the very token it predicts; pass "
+                       "--objective mlm",
+                "clm": "masked language modelling needs a bidirectional encoder: "
+                       "--model.kind bert",
+                "seq2seq": "an encoder–decoder trains on pairs: lmlab seq2seq train",
+                "classify": "a classifier trains on labelled texts: lmlab finetune classify",
+                }.get(objective, f"it is trained for {objective!r}")
+        raise ConfigError(f"objective={cfg.objective!r} cannot train model kind "
+                          f"{cfg.model.kind!r}; {hint}")
+    vocab, ids = tokenizer.vocab_size, f"{tokenizer.vocab_size} tokens"
+    if cfg.objective == "mlm":  # the mask id: the tokenizer's own, or one row more
+        from lmlab.train.mlm import MaskedLMTask, mask_token
+
+        vocab = mask_token(tokenizer)[1]
+        ids += " + the mask id" if vocab > tokenizer.vocab_size else ""
     torch.manual_seed(cfg.train.seed)  # the initial weights
-    model = cfg.model.build_model(vocab_size=tokenizer.vocab_size)
-    if model.vocab_size != tokenizer.vocab_size:
-        why = ("its ids would not fit" if model.vocab_size < tokenizer.vocab_size else
+    model = cfg.model.build_model(vocab_size=vocab)
+    if model.vocab_size != vocab:
+        why = ("its ids would not fit" if model.vocab_size < vocab else
                "the extra rows are never trained")
         raise ConfigError(f"model.vocab_size: {model.vocab_size} is not the tokenizer's "
-                          f"{tokenizer.vocab_size} tokens ({tok_dir}) and {why}; leave "
+                          f"{ids} ({tok_dir}) and {why}; leave "
                           "model.vocab_size unset to take the tokenizer's")
     seq_len = cfg.seq_len or model.max_seq_len or getattr(model, "default_seq_len", None)
     if seq_len is None:
@@ -117,14 +145,23 @@ def pretrain(cfg: PretrainConfig, callback=None, claim=None) -> RunResult:
     if model.max_seq_len is not None and seq_len > model.max_seq_len:
         raise ConfigError(f"seq_len={seq_len} > model.max_seq_len={model.max_seq_len}")
 
-    task = LanguageModelingTask(train, val, seq_len, cfg.train.batch_size,
-                                tokenizer.token_byte_lengths(), cfg.train.seed,
-                                cfg.train.eval_tokens or None)
+    if cfg.objective == "mlm":
+        task = MaskedLMTask(train, val, seq_len, cfg.train.batch_size, tokenizer,
+                            cfg.train.seed, cfg.train.eval_tokens or None)
+    else:
+        task = LanguageModelingTask(train, val, seq_len, cfg.train.batch_size,
+                                    tokenizer.token_byte_lengths(), cfg.train.seed,
+                                    cfg.train.eval_tokens or None)
     flops = model.flops_per_token(seq_len) if hasattr(model, "flops_per_token") else 0.0
     # what defines the run: everything in its config but where it goes and how it starts
     inputs = {k: v for k, v in dataclasses.asdict(cfg).items()
               if k not in ("out_dir", "resume", "overwrite")}
     inputs.update(data=absolute(cfg.data), tokenizer=absolute(tok_dir))
+    if hasattr(model, "fit_counts"):  # counted, not trained (the n-gram): no gradient loop
+        return fit_task(model, task, cfg.train, cfg.out_dir, resume=cfg.resume, run_config=cfg,
+                        tokenizer_dir=tok_dir, callback=callback, command="pretrain",
+                        inputs=inputs, reads=(cfg.data, tok_dir), overwrite=cfg.overwrite,
+                        claim=claim)
     return run_task(model, task, cfg.train, cfg.out_dir, resume=cfg.resume, run_config=cfg,
                     tokenizer_dir=tok_dir, callback=callback, flops_per_token=flops,
                     command="pretrain", inputs=inputs, reads=(cfg.data, tok_dir),
