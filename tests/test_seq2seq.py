@@ -374,11 +374,6 @@ def losses(run_dir):
 
 @pytest.mark.slow
 def test_training_learns_resumes_exactly_and_loads(animals, tmp_path):
-    from lmlab.train.metrics import measured_peak_flops
-
-    # measured once per process, with torch's global RNG: measure it before either run, or
-    # the first run's dropout masks would differ from the second's
-    measured_peak_flops("cpu", torch.float32)
     straight = tmp_path / "straight"
     r = train_seq2seq(seq2seq_cfg(animals, straight))
     assert r.run.kind == "seq2seq" and r.run.fit.step == 30

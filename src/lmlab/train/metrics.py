@@ -43,8 +43,10 @@ def measured_peak_flops(device_type: str, dtype: torch.dtype = torch.float32,
 
     size = min(256, n)
     while True:
-        a = torch.randn(size, size, device=dev, dtype=dtype)
-        b = torch.randn(size, size, device=dev, dtype=dtype)
+        # constants, not torch.randn: the timing must not advance the global RNG (a run's
+        # dropout masks would then depend on whether the peak was measured before it)
+        a = torch.full((size, size), 0.5, device=dev, dtype=dtype)
+        b = torch.full((size, size), 0.25, device=dev, dtype=dtype)
         dt = once(a, b)  # the first call also warms up the kernel
         if size >= n or dt > seconds / 8:
             break
