@@ -7,6 +7,7 @@ so tests need no downloads and see code, English and Chinese.
 from __future__ import annotations
 
 import io
+import os
 import sysconfig
 import traceback
 from contextlib import redirect_stderr, redirect_stdout
@@ -14,6 +15,13 @@ from pathlib import Path
 
 import pytest
 import torch
+
+if os.environ.get("PYTEST_XDIST_WORKER"):
+    # `make test` runs one worker per core: a worker that also ran torch's 2 threads per core
+    # would oversubscribe the CPU (a tiny training step measured 5× slower that way); the
+    # processes a test starts (torchrun, the CLI) inherit one thread too
+    torch.set_num_threads(1)
+    os.environ.setdefault("OMP_NUM_THREADS", "1")
 
 CHINESE = [
     "语言模型通过预测下一个词来学习语言的规律。",

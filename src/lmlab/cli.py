@@ -293,10 +293,13 @@ class TrainingDisplay:
 
 def _fit_rows(r) -> list[tuple[str, object]]:
     f = r.fit
-    rows = [("status", f.status), ("steps", f.step), ("parameters", r.params),
+    counted = r.kind == "ngram"  # counted, not trained: no loss, no FLOPs, its size is n-grams
+    rows = [("status", f.status), ("steps", f.step),
+            ("stored n-grams" if counted else "parameters", r.params),
             ("tokens seen", f.tokens_seen), ("train seconds", f"{f.seconds:.0f}"),
-            ("tokens/s", f"{f.tokens_per_sec:,.0f}"), ("MFU", f"{f.mfu:.1%}"),
-            ("train loss", f"{f.last_train_loss:.4f}")]
+            ("tokens/s", f"{f.tokens_per_sec:,.0f}")]
+    if not counted:
+        rows += [("MFU", f"{f.mfu:.1%}"), ("train loss", f"{f.last_train_loss:.4f}")]
     for k in ("val_loss", "val_ppl", "val_bpb", "val_mlm_loss", "val_mlm_acc"):
         if k in f.val:
             rows.append((k.replace("_", " "), f"{f.val[k]:.4f}"))

@@ -215,6 +215,10 @@ def history_table(report: dict) -> str:
     names = {"xz": "xz -9e", "bz2": "bzip2 -9", "zlib": "zlib -9"}
     for k, v in report["compressors"].items():
         lines.append(f"| {names.get(k, k)} (same held-out bytes) | — | — | — | — | — | {v:.3f} |")
+    lines += ["", f"Same corpus, tokenizer ({report['vocab_size']:,} tokens) and held-out bytes "
+              f"({report['val_bytes']:,}); {report['minutes_per_model']:g} training minutes per "
+              f"model on {report['device']}. The n-gram model is counted, not trained: its "
+              "parameters are its stored n-grams, its FLOPs are not matrix products (—)."]
     return "\n".join(lines) + "\n"
 
 
@@ -229,13 +233,14 @@ def plot_history(report: dict, out_png: Path) -> Path | None:
         log.info("matplotlib not installed; no history PNG")
         return None
     fig, axes = plt.subplots(1, 2, figsize=(12, 4.5))
-    for r in report["models"]:
+    for i, r in enumerate(report["models"]):
         pts = [p for p in r["curve"] if p["val_bpb"] is not None]
         if not pts:
             continue
         secs = [max(p["seconds"], 1e-2) for p in pts]
         bpb = [p["val_bpb"] for p in pts]
-        style = dict(marker="o" if len(pts) == 1 else None, label=f"{r['name']} ({r['what']})")
+        style = dict(marker="o" if len(pts) == 1 else None, label=f"{r['name']} ({r['what']})",
+                     color=f"C{i}")  # a model has one colour in every plot
         axes[0].plot(secs, bpb, **style)
         if r["flops_per_token"]:
             axes[1].plot([p["tokens"] * r["flops_per_token"] for p in pts], bpb, **style)
@@ -267,14 +272,14 @@ def plot_gradient_reach(report: dict, out_png: Path) -> Path | None:
         import matplotlib.pyplot as plt
     except ImportError:
         return None
-    models = [r for r in report["models"] if r.get("gradient_reach")]
-    if not models:
+    if not any(r.get("gradient_reach") for r in report["models"]):
         return None
     fig, ax = plt.subplots(figsize=(7, 4.5))
-    for r in models:
-        g = r["gradient_reach"]
-        ax.plot(range(len(g)), [v / g[0] if g[0] else v for v in g],
-                label=f"{r['name']} ({r['what']})")
+    for i, r in enumerate(report["models"]):
+        g = r.get("gradient_reach")
+        if g:
+            ax.plot(range(len(g)), [v / g[0] if g[0] else v for v in g],
+                    label=f"{r['name']} ({r['what']})", color=f"C{i}")
     ax.set_yscale("log")
     ax.set_xlabel("distance back from the predicted token (tokens)")
     ax.set_ylabel("‖∂ log p(next) / ∂ embedding‖, ÷ at distance 0")
