@@ -9,6 +9,10 @@ seeds write: Embedding → nn.LSTM → Linear → `F.cross_entropy` over the ful
 A GPT-2-style Transformer of about the same parameter count (lmlab's quickstart CPU
 model, d_model 128 × 4 layers) runs in the same Trainer, to answer the issue's
 question "is any model more than 2× slower per token than the same-size Transformer?".
+A second table answers it for the other kinds, each in one plain training step (forward
+with its loss, backward, AdamW) at the Transformer's width and depth: the BERT-style
+encoder (its MLM loss on 15 % of positions) and the encoder–decoder (2 + 2 layers; a
+token is a source or a target token, 128 of each per row).
 Variants are interleaved round by round; each figure is the median over rounds.
 
     python benchmarks/lstm_throughput.py [--rounds 3] [--steps 4] [--threads N]
@@ -132,6 +136,65 @@ def main() -> None:
     print(f"\nlmlab lstm / plain nn.LSTM loop: {med['lmlab lstm'] / med['plain nn.LSTM loop']:.2f}×")
     print(f"lmlab lstm / lmlab transformer (per token): "
           f"{med['lmlab lstm'] / med['lmlab transformer']:.2f}×")
+    kinds_table(args.rounds, args.steps)
+
+
+class PlainStep:
+    """One training step of any kind: `loss_of(model)` → backward → clip → AdamW."""
+
+    def __init__(self, model: nn.Module, loss_of, tokens: int):
+        self.model, self.loss_of, self.tokens = model.train(), loss_of, tokens
+        self.opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
+
+    def step(self):
+        loss = self.loss_of(self.model)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(self.model.parameters(), 1.0)
+        self.opt.step()
+        self.opt.zero_grad(set_to_none=True)
+
+
+def kinds_table(rounds: int, steps: int) -> None:
+    from lmlab.model import build_from_spec
+
+    torch.manual_seed(0)
+    g = torch.Generator().manual_seed(0)
+    x = torch.randint(5, VOCAB, (BATCH, SEQ), generator=g)
+    y = torch.randint(5, VOCAB, (BATCH, SEQ), generator=g)
+    mlm = torch.where(torch.rand(BATCH, SEQ, generator=g) < 0.15, y, torch.full_like(y, -100))
+    half = SEQ // 2
+    lengths = torch.full((BATCH,), half)
+    shape = dict(d_model=128, n_head=2, dropout=0.0)
+    gpt2 = build_from_spec("transformer", dict(preset="small", n_layer=4, max_seq_len=SEQ,
+                                               vocab_size=VOCAB, **shape))
+    bert = build_from_spec("bert", dict(preset="bert-tiny", n_layer=4, max_seq_len=SEQ,
+                                        vocab_size=VOCAB, **shape))
+    s2s = build_from_spec("seq2seq", dict(n_encoder_layer=2, n_decoder_layer=2,
+                                          max_source_len=half, max_target_len=half,
+                                          vocab_size=VOCAB, **shape))
+    variants = {
+        "transformer (causal LM)": PlainStep(gpt2, lambda m: m(x, targets=y), BATCH * SEQ),
+        "bert (masked LM)": PlainStep(bert, lambda m: m(x, targets=mlm), BATCH * SEQ),
+        "seq2seq (2 + 2 layers)": PlainStep(
+            s2s, lambda m: m(x[:, :half], lengths, x[:, half:], targets=y[:, half:]),
+            BATCH * SEQ),
+    }
+    for v in variants.values():
+        for _ in range(2):
+            v.step()
+    rates: dict[str, list[float]] = {k: [] for k in variants}
+    for _ in range(rounds):
+        for name, v in variants.items():
+            t0 = time.perf_counter()
+            for _ in range(steps):
+                v.step()
+            rates[name].append(steps * v.tokens / (time.perf_counter() - t0))
+    med = {k: statistics.median(v) for k, v in rates.items()}
+    base = med["transformer (causal LM)"]
+    print(f"\n{'kind, d 128 × 4 layers':26s} {'parameters':>11s} {'tok/s':>9s} {'vs transformer':>15s}")
+    for k, v in variants.items():
+        n = sum(p.numel() for p in v.model.parameters())
+        print(f"{k:26s} {n:11,d} {med[k]:9,.0f} {med[k] / base:14.2f}×")
 
 
 if __name__ == "__main__":
