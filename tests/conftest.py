@@ -19,9 +19,8 @@ import torch
 if os.environ.get("PYTEST_XDIST_WORKER"):
     # `make test` runs one worker per core: a worker that also ran torch's 2 threads per core
     # would oversubscribe the CPU (a tiny training step measured 5× slower that way); the
-    # processes a test starts (torchrun, the CLI) inherit one thread too
+    # processes a test starts (torchrun, the CLI) keep torch's default
     torch.set_num_threads(1)
-    os.environ.setdefault("OMP_NUM_THREADS", "1")
 
 CHINESE = [
     "语言模型通过预测下一个词来学习语言的规律。",

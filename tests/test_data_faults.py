@@ -186,9 +186,12 @@ def feed(fifos: list[Path], data: dict[str, bytes], errors: list) -> threading.T
 
 def start(cmd: list[str]) -> subprocess.Popen:
     # a session of its own, as a terminal's job is (and a process group to signal);
-    # stderr a pipe: not a terminal
+    # stderr a pipe: not a terminal. SIGINT as a terminal's job has it: a suite started in
+    # the background by a shell without job control (`make test &`) ignores SIGINT, and
+    # an ignored signal stays ignored across exec, so the Ctrl-C would never arrive
     return subprocess.Popen(cmd, start_new_session=True, stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True)
+                            stderr=subprocess.PIPE, text=True,
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
 
 
 def stop(p: subprocess.Popen) -> None:
