@@ -195,7 +195,10 @@ def claim_output_dir(out: str | os.PathLike, command: str, inputs: dict[str, Any
         # an output that holds an input (a quickstart's shards) is fine until it is replaced
         if how and (how != "contains" or overwrite):
             raise InputError(f"{path}: {how} {r}, which this command reads; choose another {flag}")
-    clean_litter(path)
+    if os.environ.get("RANK", "0") == "0":
+        # one process cleans: under torchrun another rank's cleaning would remove the
+        # temporary file of rank 0's marker while it is being written
+        clean_litter(path)
     marker = read_marker(path) if path.is_dir() else None
     contents = ([p for p in path.iterdir() if p.name != MARKER and not _is_litter(p.name)]
                 if path.is_dir() else [])
