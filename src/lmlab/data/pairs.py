@@ -35,7 +35,6 @@ from __future__ import annotations
 
 import ast
 import importlib.util
-import json
 import logging
 import os
 import re
@@ -44,7 +43,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator, NamedTuple
 
-from lmlab.data.labelled import SPLITS, _clean_text, _Problems, assign_splits, check_fractions
+from lmlab.data.labelled import (SPLITS, _clean_text, _Problems, assign_splits,
+                                 check_fractions, json_records)
 from lmlab.eval.metrics import HAN_RE
 from lmlab.errors import ConfigError, InputError
 
@@ -198,33 +198,11 @@ def _record_pair(value_s, value_t, where: str, fields: tuple[str, str],
 
 def _jsonl_pairs(path: Path, fields: tuple[str, str], problems: _Problems,
                  counter: list[int]) -> Iterator[Pair]:
-    with open(path, "rb") as f:
-        for n, raw in enumerate(f, 1):
-            raw = raw.removeprefix(b"\xef\xbb\xbf") if n == 1 else raw
-            if not raw.strip():
-                continue
-            counter[0] += 1
-            where = f"{path}:{n}"
-            try:
-                record = json.loads(raw.decode("utf-8"))
-            except UnicodeDecodeError as e:
-                problems.add("not UTF-8", where, f"not UTF-8 (byte {e.start})")
-                continue
-            except json.JSONDecodeError as e:
-                problems.add("not JSON", where, f"not JSON ({e.msg}, column {e.colno})")
-                continue
-            if not isinstance(record, dict):
-                problems.add("not an object", where, f"a JSON {type(record).__name__}, not an "
-                             f'object like {{"{fields[0]}": ..., "{fields[1]}": ...}}')
-                continue
-            missing = [k for k in fields if k not in record]
-            if missing:
-                shown = ", ".join(repr(k) for k in list(record)[:8]) or "none"
-                problems.add("missing field", where, f"no field {missing[0]!r} (fields: {shown})")
-                continue
-            pair = _record_pair(record[fields[0]], record[fields[1]], where, fields, problems)
-            if pair:
-                yield pair
+    wanted = dict.fromkeys(fields, "missing field")
+    for where, record in json_records(path, wanted, problems, counter):
+        pair = _record_pair(record[fields[0]], record[fields[1]], where, fields, problems)
+        if pair:
+            yield pair
 
 
 def _tsv_pairs(path: Path, fields: tuple[str, str], problems: _Problems,
