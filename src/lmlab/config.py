@@ -138,6 +138,25 @@ class ClassifierSpec:
         check_fields(self, "head.", dropout="[0,1)", d_embed=">=1", hidden=">=1", n_layer=">=1")
 
 
+@dataclass
+class LoraSpec:
+    """LoRA adapters (`--lora.r 8` turns them on): W x + (alpha/r)·B A x on each target layer,
+    W frozen, only A and B trained (and a task's new head, if it has one)."""
+
+    r: int = 0  # adapter rank; 0: no adapters (every weight is trained)
+    alpha: float = 16.0  # the update is scaled by alpha / r
+    dropout: float = 0.0  # dropout on the adapter's input
+    # layers to adapt, by part: q k v o (attention), gate up down (MLP; a GELU MLP's input is
+    # "up"), lm_head; or "all-linear" (every Linear of the blocks: q k v o gate up down)
+    targets: list[str] = field(default_factory=lambda: ["all-linear"])
+
+    def __post_init__(self) -> None:
+        check_fields(self, "lora.", r=">=0", alpha=">0", dropout="[0,1)")
+        if self.r and not self.targets:
+            raise ConfigError("lora.targets: empty; name the layers to adapt (e.g. "
+                              "--lora.targets [q,v], or [all-linear])")
+
+
 def _classify_train() -> TrainConfig:
     return TrainConfig(batch_size=32, max_steps=600, lr=1e-3, warmup_steps=30, eval_every=100,
                        eval_tokens=0, log_every=10, checkpoint_every=200, keep_checkpoints=1,
@@ -164,6 +183,7 @@ class ClassifyConfig:
     resume: bool = False
     overwrite: bool = False
     head: ClassifierSpec = field(default_factory=ClassifierSpec)
+    lora: LoraSpec = field(default_factory=LoraSpec)  # adapters on the body (--model only)
     train: TrainConfig = field(default_factory=_classify_train)
 
     def __post_init__(self) -> None:
@@ -207,6 +227,62 @@ class Seq2SeqConfig:
         if self.source_tokenizer and self.vocab == "shared":
             raise ConfigError("source_tokenizer needs --vocab separate (with one shared "
                               "vocabulary, --tokenizer serves both sides)")
+
+
+def _sft_train() -> TrainConfig:
+    return TrainConfig(batch_size=8, max_steps=500, lr=1e-4, warmup_steps=20, eval_every=100,
+                       eval_tokens=0, log_every=10, checkpoint_every=200, keep_checkpoints=1,
+                       weight_decay=0.0)
+
+
+@dataclass
+class SFTConfig:
+    """`lmlab finetune sft`: conversations, a pretrained model, loss on the assistant's tokens."""
+
+    model: str = ""  # the model directory to fine-tune (lmlab's, or imported by import-hf)
+    data: str = ""  # JSONL: {"messages": [...]}, {"prompt", "response"} or Alpaca's fields
+    out_dir: str = "runs/sft"
+    seq_len: Optional[int] = None  # tokens per row (default: the model's max_seq_len, ≤ 1024)
+    batching: Literal["pack", "pad"] = "pack"  # pack short examples into full rows, or pad each
+    overlong: Literal["truncate", "drop"] = "truncate"  # an example longer than seq_len
+    val_fraction: float = 0.05
+    split_seed: int = 0
+    eval_rows: int = 32  # held-out examples answered greedily before and after (exact match)
+    max_new_tokens: int = 64  # of each of those answers
+    resume: bool = False
+    overwrite: bool = False
+    lora: LoraSpec = field(default_factory=LoraSpec)
+    train: TrainConfig = field(default_factory=_sft_train)
+
+    def __post_init__(self) -> None:
+        check_fields(self, "", seq_len=">=2", val_fraction="[0,1)", eval_rows=">=0",
+                     max_new_tokens=">=1")
+
+
+def _dpo_train() -> TrainConfig:
+    return TrainConfig(batch_size=8, max_steps=300, lr=5e-5, warmup_steps=10, eval_every=50,
+                       eval_tokens=0, log_every=10, checkpoint_every=100, keep_checkpoints=1,
+                       weight_decay=0.0)
+
+
+@dataclass
+class DPOConfig:
+    """`lmlab finetune dpo`: preference pairs, a model (the frozen reference is where it starts)."""
+
+    model: str = ""  # the model directory to tune (usually an SFT run)
+    data: str = ""  # JSONL: {"prompt", "chosen", "rejected"} (strings, or chat messages)
+    out_dir: str = "runs/dpo"
+    beta: float = 0.1  # β: how far the policy may move from the reference
+    seq_len: Optional[int] = None  # prompt + response tokens (default: model's, ≤ 1024)
+    val_fraction: float = 0.1
+    split_seed: int = 0
+    resume: bool = False
+    overwrite: bool = False
+    lora: LoraSpec = field(default_factory=LoraSpec)
+    train: TrainConfig = field(default_factory=_dpo_train)
+
+    def __post_init__(self) -> None:
+        check_fields(self, "", beta=">0", seq_len=">=2", val_fraction="[0,1)")
 
 
 def to_yaml(cfg) -> str:
