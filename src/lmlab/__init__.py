@@ -39,6 +39,18 @@ class LoadedModel:
         return generate_text(self.model, self.tokenizer, prompt, max_new_tokens=max_new_tokens,
                              **sampling)
 
+    def chat(self, messages: "str | list[dict]", max_new_tokens: int = 256, system: str | None = None,
+             **sampling) -> str:
+        """The assistant's reply to `messages` (a user's text, or a conversation as
+        [{"role", "content"}, ...]), rendered with the tokenizer's chat template; it ends
+        where the model ends its turn."""
+        from lmlab.data.chat import as_messages, prompt_ids
+        from lmlab.infer import generate_text
+
+        ids = prompt_ids(self.tokenizer, as_messages(messages, system))
+        return generate_text(self.model, self.tokenizer, ids, max_new_tokens=max_new_tokens,
+                             **sampling)
+
     def classify(self, texts: "str | list[str]", batch_size: int = 64):
         """For a classifier (`lmlab finetune classify`): (label, {label: probability}) per
         text; one pair for one string."""

@@ -402,10 +402,18 @@ def cmd_generate(a) -> int:
         raise ConfigError(f"--max-new-tokens {a.max_new_tokens}: must be at least 1")
     lm = lmlab.load(a.model, device=str(pick_device(a.device)))
     t0, text = time.time(), []
+    prompt = a.prompt
+    if a.chat:  # one user turn (after --system), rendered with the tokenizer's chat template
+        from lmlab.data.chat import as_messages, prompt_ids
+
+        prompt = prompt_ids(lm.tokenizer, as_messages(a.prompt, a.system))
+    elif a.system:
+        raise ConfigError("--system: only with --chat (the system turn of a conversation)")
     # arguments are checked here, before the prompt is echoed
-    pieces = stream_text(lm.model, lm.tokenizer, a.prompt, max_new_tokens=a.max_new_tokens,
+    pieces = stream_text(lm.model, lm.tokenizer, prompt, max_new_tokens=a.max_new_tokens,
                          temperature=a.temperature, top_k=a.top_k, top_p=a.top_p, seed=a.seed)
-    out.print(a.prompt, end="", style="bold", markup=False, highlight=False)
+    out.print(a.prompt + ("\n" if a.chat else ""), end="", style="bold", markup=False,
+              highlight=False)
     for piece in pieces:
         out.print(piece, end="", markup=False, highlight=False, soft_wrap=True)
         out.file.flush()
@@ -771,6 +779,10 @@ def build_parser() -> ArgumentParser:
     g.add_argument("--top-k", type=int | None, default=50)
     g.add_argument("--top-p", type=float | None, default=None)
     g.add_argument("--seed", type=int | None, default=None, help="same seed, same text")
+    g.add_argument("--chat", action="store_true",
+                   help="the prompt is a user's turn: render it with the chat template and "
+                        "stop at the end of the model's turn")
+    g.add_argument("--system", type=str | None, default=None, help="with --chat: a system turn")
     g.add_argument("--device", type=str, default="auto")
     sub.add_subcommand("generate", g, help="generate text from a model directory")
 

@@ -262,9 +262,10 @@ class TextStreamer:
         return text[len(prefix_text):]
 
 
-def stream_text(model: nn.Module, tokenizer, prompt: str, max_new_tokens: int = 256,
-                **kwargs) -> Iterator[str]:
-    """Text pieces of the continuation of `prompt`, as they are generated.
+def stream_text(model: nn.Module, tokenizer, prompt: str | Sequence[int],
+                max_new_tokens: int = 256, **kwargs) -> Iterator[str]:
+    """Text pieces of the continuation of `prompt` (a text, or token ids: a rendered chat),
+    as they are generated.
 
     Stops at the tokenizer's EOS (not included in the text) unless `eos_id` is
     given in kwargs. An empty prompt starts from EOS: lmlab separates documents
@@ -273,7 +274,8 @@ def stream_text(model: nn.Module, tokenizer, prompt: str, max_new_tokens: int = 
     kwargs.setdefault("eos_id", _stop_ids(tokenizer))
     stops = kwargs["eos_id"]
     stops = set() if stops is None else ({stops} if isinstance(stops, int) else set(stops))
-    ids = tokenizer.encode(prompt) or [_start_id(tokenizer)]
+    ids = (tokenizer.encode(prompt) if isinstance(prompt, str) else list(prompt)) or [
+        _start_id(tokenizer)]
     # generate checks its arguments now, so that a bad one fails before any text is shown
     tokens = generate(model, ids, max_new_tokens, **kwargs)
     return _pieces(tokenizer, tokens, stops if kwargs.get("stop_at_eos", True) else set())
@@ -308,7 +310,7 @@ def _start_id(tokenizer) -> int:
     return 0
 
 
-def generate_text(model: nn.Module, tokenizer, prompt: str, max_new_tokens: int = 256,
+def generate_text(model: nn.Module, tokenizer, prompt: str | Sequence[int], max_new_tokens: int = 256,
                   **kwargs) -> str:
     """The continuation of `prompt` (without the prompt), as one string. See `stream_text`."""
     return "".join(stream_text(model, tokenizer, prompt, max_new_tokens, **kwargs))
