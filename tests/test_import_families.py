@@ -51,7 +51,10 @@ FAMILIES = {
     # stops at <|endoftext|>, which is the token this model ends with
     "qwen2": (["<|endoftext|>", "<|im_start|>", "<|im_end|>"],
               dict(eos_token="<|im_end|>", pad_token="<|endoftext|>"), "<|endoftext|>"),
+    "qwen3": (["<|endoftext|>", "<|im_start|>", "<|im_end|>"],
+              dict(eos_token="<|im_end|>", pad_token="<|endoftext|>"), "<|endoftext|>"),
 }
+QWEN = ("qwen2", "qwen3")
 
 
 def sample_text() -> str:
@@ -80,9 +83,9 @@ def hf_config(family: str, tok):
         return transformers.GPT2Config(vocab_size=vocab, n_positions=64, n_embd=32, n_layer=2,
                                        n_head=4, **ids)
     config_class = {"llama": transformers.LlamaConfig, "mistral": transformers.MistralConfig,
-                    "qwen2": transformers.Qwen2Config}[family]
-    # Qwen2's small models tie the head to the embedding; the others keep a separate head
-    return config_class(vocab_size=vocab, tie_word_embeddings=family == "qwen2", **SIZES, **ids)
+                    "qwen2": transformers.Qwen2Config, "qwen3": transformers.Qwen3Config}[family]
+    # Qwen's small models tie the head to the embedding; the others keep a separate head
+    return config_class(vocab_size=vocab, tie_word_embeddings=family in QWEN, **SIZES, **ids)
 
 
 @torch.no_grad()
@@ -124,7 +127,7 @@ def build_hf_dir(family: str, out: Path) -> dict:
              and not special_ids & set(plain[:i])), default=-1)
     assert k >= 2, f"no step to make the stop at in {plain}; change the seed"
     swap_tokens(model, plain[k], stop_id)
-    if family == "qwen2":  # as Qwen2.5's instruct models ship it
+    if family in QWEN:  # as Qwen2.5's and Qwen3's instruct models ship it
         model.generation_config.eos_token_id = [tok.eos_token_id, stop_id]
     model.save_pretrained(out)
     tok.save_pretrained(out)

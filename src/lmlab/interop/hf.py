@@ -1,13 +1,14 @@
-"""Hugging Face checkpoints in and out: GPT-2, LLaMA, Qwen2, Mistral and BERT.
+"""Hugging Face checkpoints in and out: GPT-2, LLaMA, Qwen2, Qwen3, Mistral and BERT.
 
-lmlab's Transformer is the same network as these four `transformers` models;
+lmlab's Transformer is the same network as these five `transformers` models;
 only the names and layouts of the weights differ:
 
-| lmlab                     | GPT2LMHeadModel                  | Llama / Qwen2 / Mistral          |
+| lmlab                     | GPT2LMHeadModel                  | Llama / Qwen2 / Qwen3 / Mistral  |
 |---------------------------|----------------------------------|----------------------------------|
 | tok_emb, pos_emb          | transformer.wte, transformer.wpe | model.embed_tokens (RoPE)        |
 | blocks.i.norm1 / norm2    | h.i.ln_1 / ln_2                  | input_ / post_attention_layernorm |
 | blocks.i.attn.qkv (fused) | h.i.attn.c_attn (fused, Conv1D)  | self_attn.q_proj, k_proj, v_proj |
+| blocks.i.attn.q_norm, k_norm (`qk_norm`) | —                 | self_attn.q_norm, k_norm (Qwen3) |
 | blocks.i.attn.proj        | h.i.attn.c_proj (Conv1D)         | self_attn.o_proj                 |
 | blocks.i.mlp.fc (fused)   | h.i.mlp.c_fc (Conv1D)            | mlp.gate_proj, up_proj           |
 | blocks.i.mlp.proj         | h.i.mlp.c_proj (Conv1D)          | mlp.down_proj                    |
@@ -30,9 +31,15 @@ where generation stops, and a model that ends text with `</s>` or a chat turn
 with `<|im_end|>` must stop there on both sides. Export writes the tokenizer's
 `stop_ids` into it.
 
-Mistral's `sliding_window` (and Qwen2's `use_sliding_window`) is ignored: lmlab
-attends to all past positions, which is the same computation for sequences no
-longer than the window and differs only beyond it.
+Qwen3 is Qwen2 without the fixed Q/K/V biases (its `attention_bias` covers Q, K,
+V and O, as LLaMA's does) and with `qk_norm`: an RMSNorm over each query and
+key head before RoPE. An lmlab model with `qk_norm` exports as Qwen3 (its MLP
+biases, if `bias` gave it any, must be zero: an imported Qwen3's are).
+
+Mistral's `sliding_window` (and Qwen2's and Qwen3's `use_sliding_window`, on the
+layers `layer_types` marks "sliding_attention") is ignored: lmlab attends to all
+past positions, which is the same computation for sequences no longer than the
+window and differs only beyond it; the import says so in its log.
 
 BERT (`BertForMaskedLM`) is lmlab's encoder (kind "bert", `lmlab.model.encoder`):
 
@@ -91,7 +98,7 @@ if TYPE_CHECKING:
 
 logger = logging.getLogger(__name__)
 
-SUPPORTED_MODEL_TYPES = ("gpt2", "llama", "qwen2", "mistral", "bert")
+SUPPORTED_MODEL_TYPES = ("gpt2", "llama", "qwen2", "qwen3", "mistral", "bert")
 SUPPORTED_ROPE_TYPES = ("default", "linear", "llama3")
 _ROPE_REQUIRED_KEYS = {
     "linear": ("factor",),
@@ -176,6 +183,9 @@ def _llama_tensors(cfg: ModelConfig, hf_bias: _HFBiases) -> list[_Tensor]:
               _Tensor(o + "attn.qkv.weight", tuple(n + ".weight" for n in qkv), (q, kv, kv))]
         t += _bias(o + "attn.qkv.bias", cfg.qkv_bias,
                    tuple(n + ".bias" for n in qkv), hf_bias.qkv, (q, kv, kv))
+        if cfg.qk_norm:
+            t += [_Tensor(f"{o}attn.{n}_norm.weight", (f"{h}self_attn.{n}_norm.weight",))
+                  for n in "qk"]
         t += [_Tensor(o + "attn.proj.weight", (h + "self_attn.o_proj.weight",))]
         t += _bias(o + "attn.proj.bias", cfg.bias, (h + "self_attn.o_proj.bias",), hf_bias.o,
                    (cfg.d_model,))
@@ -333,7 +343,7 @@ def _llama_config_from_hf(hf: dict[str, Any]) -> ModelConfig:
         max_seq_len=hf.get("max_position_embeddings", 2048),
         pos_emb="rope", norm="rmsnorm", mlp="swiglu",
         # lmlab's `bias` covers the output and MLP projections, `qkv_bias` Q/K/V
-        bias=biases.o or biases.mlp, qkv_bias=biases.qkv,
+        bias=biases.o or biases.mlp, qkv_bias=biases.qkv, qk_norm=model_type == "qwen3",
         tie_embeddings=hf.get("tie_word_embeddings", False),
         norm_eps=hf.get("rms_norm_eps", 1e-6), rope_theta=theta, rope_scaling=scaling,
         init_std=hf.get("initializer_range", 0.02),
@@ -341,8 +351,17 @@ def _llama_config_from_hf(hf: dict[str, Any]) -> ModelConfig:
 
 
 def _ignored_sliding_window(hf: dict[str, Any]) -> int | None:
+    """The attention window `transformers` would apply and lmlab does not: Mistral's always,
+    Qwen2's and Qwen3's with `use_sliding_window`, unless `layer_types` marks no layer
+    "sliding_attention"."""
     window = hf.get("sliding_window")
-    if window and (hf.get("model_type") == "mistral" or hf.get("use_sliding_window")):
+    if not window:
+        return None
+    if hf.get("model_type") == "mistral":
+        return window
+    layer_types = hf.get("layer_types")
+    if hf.get("use_sliding_window") and (layer_types is None
+                                         or "sliding_attention" in layer_types):
         return window
     return None
 
@@ -366,6 +385,7 @@ def bert_hf_config(cfg: ModelConfig, type_vocab_size: int,
         ("qkv_bias", cfg.qkv_bias, cfg.qkv_bias),
         ("n_kv_head", cfg.n_kv_head, cfg.n_kv_head == cfg.n_head),
         ("head_dim", cfg.head_dim, cfg.head_dim * cfg.n_head == cfg.d_model),
+        ("qk_norm", cfg.qk_norm, not cfg.qk_norm),
     ) if not ok]
     if problems:
         raise InputError(f"an encoder exports as BERT, which cannot express {', '.join(problems)}")
@@ -390,6 +410,7 @@ def hf_config_from(cfg: ModelConfig, dtype: torch.dtype = torch.float32) -> dict
             ("mlp", cfg.mlp, cfg.mlp == "gelu"),
             ("n_kv_head", cfg.n_kv_head, cfg.n_kv_head == cfg.n_head),
             ("head_dim", cfg.head_dim, cfg.head_dim * cfg.n_head == cfg.d_model),
+            ("qk_norm", cfg.qk_norm, not cfg.qk_norm),
         ) if not ok]
         if problems:
             raise InputError(f"a learned-position model exports as GPT-2, which cannot express "
@@ -424,6 +445,10 @@ def hf_config_from(cfg: ModelConfig, dtype: torch.dtype = torch.float32) -> dict
                             "rope_theta": cfg.rope_theta},
         "attention_dropout": cfg.dropout, **common,
     }
+    if cfg.qk_norm:  # Qwen3: attention_bias covers Q, K, V and O; the MLP has no biases
+        return {"architectures": ["Qwen3ForCausalLM"], "model_type": "qwen3",
+                "attention_bias": bool(cfg.qkv_bias or cfg.bias), "use_sliding_window": False,
+                "sliding_window": None, **llama_like}
     if cfg.qkv_bias and not cfg.bias:  # biases on Q, K, V only: exactly Qwen2
         return {"architectures": ["Qwen2ForCausalLM"], "model_type": "qwen2",
                 "use_sliding_window": False, **llama_like}
@@ -463,8 +488,11 @@ def to_hf_state_dict(model: Transformer | Encoder
     state: dict[str, torch.Tensor] = {}
     for t in tensors:
         if not t.hf:
-            # hf_config_from picks an architecture with every bias lmlab has
-            assert t.ours is None, f"{t.ours} has no Hugging Face counterpart"
+            # hf_config_from picks an architecture with every bias lmlab has, except Qwen3,
+            # whose MLP has none: a zero bias (an imported Qwen3's) is the same function
+            if t.ours is not None and bool(ours[t.ours].any()):
+                raise InputError(f"{t.ours} is not zero and {hf_config['architectures'][0]} "
+                                 "has no such bias; train with model.bias=false to export it")
             continue
         if t.ours is None:
             for name, size in zip(t.hf, t.sizes):

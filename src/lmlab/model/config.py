@@ -10,6 +10,7 @@ GPT-2 and LLaMA are the same network with different switches:
 | `bias`        | True             | False                         |
 | `qkv_bias`    | True             | False (Qwen2: True)           |
 | `n_kv_head`   | = n_head         | < n_head (grouped-query attn) |
+| `qk_norm`     | False            | False (Qwen3: True)           |
 
 ("gelu" is GPT-2's tanh approximation; BERT's exact GELU is `mlp="gelu_exact"`.)
 The BERT-style encoder (kind "bert", `lmlab.model.encoder`) takes the same
@@ -44,6 +45,7 @@ class ModelConfig:
     mlp: Literal["gelu", "gelu_exact", "swiglu"] = "gelu"
     bias: bool = True  # biases in every Linear and LayerNorm
     qkv_bias: bool | None = None  # None: same as `bias`; Qwen2 has qkv biases only
+    qk_norm: bool = False  # RMSNorm over each query and key head before RoPE (Qwen3)
     tie_embeddings: bool = True
     norm_eps: float = 1e-5
     rope_theta: float = 10000.0
@@ -110,7 +112,8 @@ class ModelConfig:
         b = 1 if self.bias else 0
         qb = 1 if self.qkv_bias else 0
         norm = d * (2 if (self.norm == "layernorm" and self.bias) else 1)
-        attn = d * (q + 2 * kv) + qb * (q + 2 * kv) + q * d + b * d
+        qk = 2 * hd if self.qk_norm else 0  # the query and key norms' gains
+        attn = d * (q + 2 * kv) + qb * (q + 2 * kv) + q * d + b * d + qk
         n_in = 2 * self.d_ff if self.mlp == "swiglu" else self.d_ff
         mlp = d * n_in + b * n_in + self.d_ff * d + b * d
         total = L * (attn + mlp + 2 * norm) + norm

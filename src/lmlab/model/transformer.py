@@ -283,7 +283,10 @@ def _blocked_attention_wins(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -
 
 class Attention(nn.Module):
     """Self-attention: causal (a decoder's), or with `causal=False` an encoder's, in which every
-    query sees every key that `attn_mask` lets through (the padding mask, or none)."""
+    query sees every key that `attn_mask` lets through (the padding mask, or none).
+
+    With `cfg.qk_norm` (Qwen3) each head's query and key are RMS-normalised over head_dim,
+    with a learned gain shared by the heads, before RoPE: q ← RMSNorm(q), k ← RMSNorm(k)."""
 
     def __init__(self, cfg: ModelConfig, causal: bool = True):
         super().__init__()
@@ -292,6 +295,8 @@ class Attention(nn.Module):
         q_dim, kv_dim = cfg.n_head * cfg.head_dim, cfg.n_kv_head * cfg.head_dim
         self.qkv = Linear(cfg.d_model, q_dim + 2 * kv_dim, bias=cfg.qkv_bias)
         self.proj = Linear(q_dim, cfg.d_model, bias=cfg.bias)
+        self.q_norm = RMSNorm(cfg.head_dim, cfg.norm_eps) if cfg.qk_norm else None
+        self.k_norm = RMSNorm(cfg.head_dim, cfg.norm_eps) if cfg.qk_norm else None
         self.dropout = cfg.dropout
 
     def forward(self, x, rope=None, cache: KVCache | None = None, layer: int = 0,
@@ -302,6 +307,8 @@ class Attention(nn.Module):
         q = q.view(B, T, self.n_head, self.head_dim).transpose(1, 2)  # (B, H, T, D)
         k = k.view(B, T, self.n_kv_head, self.head_dim).transpose(1, 2)
         v = v.view(B, T, self.n_kv_head, self.head_dim).transpose(1, 2)
+        if self.q_norm is not None:  # per head, over head_dim
+            q, k = self.q_norm(q), self.k_norm(k)
         if rope is not None:
             cos, sin = rope
             q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
