@@ -476,8 +476,11 @@ def cmd_finetune_sft(a) -> int:
     d = r.data
     rows = [("data", cfg.data),
             ("conversations train / val", f"{d.get('train', 0):,} / {d.get('val', 0):,}"),
-            ("over seq_len", f"{d.get('truncated', 0):,} truncated, {d.get('dropped', 0):,} "
-                             f"dropped (--overlong {cfg.overlong})"),
+            ("over seq_len", f"{d.get('truncated', 0):,} truncated ({d.get('tokens_cut', 0):,} "
+                             f"tokens cut), {d.get('dropped', 0):,} dropped (--overlong "
+                             f"{cfg.overlong})"),
+            ("rows", f"{cfg.batching}" + (f", {100 * d['pack_fill']:.1f} % full"
+                                          if d.get("pack_fill") else "")),
             ("model", f"{r.run.kind} ({r.run.params:,} parameters)"
                       + (f", LoRA r={cfg.lora.r}" if cfg.lora.r else "")),
             ("status", r.run.fit.status), ("steps", r.run.fit.step),
@@ -491,6 +494,8 @@ def cmd_finetune_sft(a) -> int:
                          f"{_pct(scores.get('stopped'))} (n={scores['n']})"))
     rows += _lora_rows(r.run)
     rows.append(("model directory", str(r.run.run_dir)))
+    if r.eval_json:
+        rows.append(("held-out answers", str(r.eval_json)))
     out.print(summary_table("finetune sft", rows))
     out.print(f"next: lmlab generate --chat --model {r.run.run_dir} --prompt '你好'",
               soft_wrap=True)
@@ -521,6 +526,9 @@ def cmd_finetune_dpo(a) -> int:
                          f"{_pct(m.get('val_reward_acc'))} (margin "
                          f"{m.get('val_margin', float('nan')):+.3f}, loss "
                          f"{m.get('val_loss', float('nan')):.4f})"))
+    if r.run.best:
+        rows.append(("weights kept", f"step {r.run.best['step']} (best val reward accuracy "
+                                     f"{_pct(r.run.best['value'])})"))
     rows += _lora_rows(r.run)
     rows.append(("model directory", str(r.run.run_dir)))
     out.print(summary_table("finetune dpo", rows))

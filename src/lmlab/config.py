@@ -247,6 +247,9 @@ class SFTConfig:
     overlong: Literal["truncate", "drop"] = "truncate"  # an example longer than seq_len
     val_fraction: float = 0.05
     split_seed: int = 0
+    # held-out conversations answered before and after (default: the val split), e.g. the
+    # OUT.test.jsonl that `lmlab data make-sft` writes beside OUT
+    eval_data: Optional[str] = None
     eval_rows: int = 32  # held-out examples answered greedily before and after (exact match)
     max_new_tokens: int = 64  # of each of those answers
     resume: bool = False

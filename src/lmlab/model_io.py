@@ -18,10 +18,25 @@ Writes are atomic (`lmlab.fileio.write_dir_atomically`): a new directory
 appears in one rename, so a reader never sees half a model; into an existing
 directory (a training run that also holds metrics and checkpoints) each file
 is renamed into place, weights first and config.json last.
+
+An adapter run (LoRA, `lmlab.finetune.lora`) is a model directory that holds
+only what training changed — the adapters and a task's new head — and names the
+base it needs in config.json:
+
+    "adapter": {"type": "lora", "lora": {"r", "alpha", "dropout", "targets"},
+                "base": {"path": absolute base directory, "into": "" or "body",
+                         "config": the base's config.json,
+                         "weights": {"bytes", "sha256"} of its model.safetensors},
+                "trained": ["head"]}
+
+`load_model_dir` rebuilds it: the base's weights (into the named submodule), the
+adapter layers, then the saved tensors. A base that is gone or no longer the
+one trained on (another config.json or model.safetensors) is refused in one line.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import os
@@ -38,12 +53,14 @@ from torch import nn
 from lmlab.errors import InputError, LmlabError
 from lmlab.fileio import write_dir_atomically
 from lmlab.model import DEFAULT_KIND, build_model
+from lmlab.outputs import absolute
 
 logger = logging.getLogger(__name__)
 
 CONFIG_FILE = "config.json"
 WEIGHTS_FILE = "model.safetensors"
 CONFIG_KEY = "lmlab_model"
+ADAPTER_KEY = "adapter"  # an adapter run's record of its base (see the module docstring)
 # tokenizer.json and tokenizer_config.json are lmlab's tokenizer format; the rest are
 # what Hugging Face tokenizers may also need (chat template saved apart, slow-tokenizer
 # vocabularies), carried along so a directory stays loadable by AutoTokenizer, and the
@@ -82,12 +99,21 @@ def is_model_config(d: Any) -> bool:
 
 
 def model_config_json(model: nn.Module) -> dict[str, Any]:
-    """What config.json holds for `model`: its kind and its config dict."""
-    return {"kind": model.kind, CONFIG_KEY: model.config_dict()}
+    """What config.json holds for `model`: its kind and its config dict (and an adapter
+    model's record of its base, which `lmlab.finetune.lora.apply_lora` set)."""
+    adapter = getattr(model, "adapter_config", None)
+    return {"kind": model.kind, CONFIG_KEY: model.config_dict(),
+            **({ADAPTER_KEY: adapter} if adapter else {})}
 
 
 def read_model_config(path: str | os.PathLike) -> tuple[str, dict[str, Any]]:
     """(kind, config dict) of a model directory, or of its config.json given directly."""
+    kind, config, _ = _read_config_json(path)
+    return kind, config
+
+
+def _read_config_json(path: str | os.PathLike) -> tuple[str, dict[str, Any], dict[str, Any]]:
+    """(kind, config dict, the whole config.json) of a model directory or its config.json."""
     root = Path(path)
     config_path = root if root.is_file() else root / CONFIG_FILE
     if not config_path.is_file():
@@ -104,7 +130,46 @@ def read_model_config(path: str | os.PathLike) -> tuple[str, dict[str, Any]]:
     kind = raw.get("kind", DEFAULT_KIND)
     if not isinstance(kind, str) or not isinstance(raw[CONFIG_KEY], dict):
         raise InputError(f"{config_path}: 'kind' must be a string and {CONFIG_KEY!r} an object")
-    return kind, raw[CONFIG_KEY]
+    return kind, raw[CONFIG_KEY], raw
+
+
+def read_adapter_record(path: str | os.PathLike) -> dict[str, Any] | None:
+    """The "adapter" record of an adapter run's config.json (None: a plain model directory)."""
+    return _read_config_json(path)[2].get(ADAPTER_KEY)
+
+
+def _weights_fingerprint(path: Path) -> dict[str, Any]:
+    with open(path, "rb") as f:
+        digest = hashlib.file_digest(f, "sha256").hexdigest()
+    return {"bytes": path.stat().st_size, "sha256": digest}
+
+
+def base_record(base_dir: str | os.PathLike) -> dict[str, Any]:
+    """What an adapter run records of its base model directory: its absolute path, its
+    config.json and the size and SHA-256 of its weights (so a changed base is detected)."""
+    root = Path(base_dir)
+    _, _, raw = _read_config_json(root)
+    if not (root / WEIGHTS_FILE).is_file():
+        raise InputError(f"{root}: no {WEIGHTS_FILE}; the base model needs its weights")
+    return {"path": absolute(root), "config": raw,
+            "weights": _weights_fingerprint(root / WEIGHTS_FILE)}
+
+
+def _check_base(run: Path, base: dict[str, Any]) -> Path:
+    """The base directory an adapter run names, if it is still the one trained on."""
+    path = Path(base["path"])
+    fix = ("restore the base the adapters were trained on (or merge the run with `lmlab lora "
+           "merge` while you have it)")
+    if not (path / CONFIG_FILE).is_file() or not (path / WEIGHTS_FILE).is_file():
+        raise InputError(f"{run}: its base model {path} is gone (an adapter run holds only "
+                         f"the adapters); {fix}")
+    _, _, raw = _read_config_json(path)
+    what = (CONFIG_FILE if raw != base["config"] else
+            WEIGHTS_FILE if _weights_fingerprint(path / WEIGHTS_FILE) != base["weights"] else None)
+    if what:
+        raise InputError(f"{run}: its base model {path} has changed since the adapters were "
+                         f"trained ({what} differs); {fix}")
+    return path
 
 
 def _alias_groups(model: nn.Module) -> list[list[str]]:
@@ -140,6 +205,9 @@ def write_model_files(directory: str | os.PathLike, model: nn.Module,
             "pass the directory the tokenizer was saved to, or none"
         )
     directory = Path(directory)
+    if state is None and getattr(model, "adapter_config", None):  # an adapter model: its own
+        trained = {n for n, p in model.named_parameters() if p.requires_grad}
+        state = {k: v for k, v in model.state_dict().items() if k in trained}
     save_file(weights_to_save(model, state), str(directory / WEIGHTS_FILE),
               metadata={"format": "pt"})
     if tokenizer_dir is not None:
@@ -152,7 +220,8 @@ def save_model_dir(model: nn.Module, out_dir: str | os.PathLike,
                    tokenizer_dir: str | os.PathLike | None = None,
                    state: dict[str, torch.Tensor] | None = None) -> Path:
     """Write `model` as a model directory: its config, its weights (or `state`, e.g. only the
-    trainable part), and the tokenizer files of `tokenizer_dir` if given."""
+    trainable part; an adapter model's default), and the tokenizer files of `tokenizer_dir`
+    if given."""
     return write_dir_atomically(
         out_dir, lambda d: write_model_files(d, model, tokenizer_dir, state), last=CONFIG_FILE)
 
@@ -300,8 +369,38 @@ def load_model_dir(path: str | os.PathLike, device: str | torch.device = "cpu",
     model = build_from_dir(root)
     if not weights_path.is_file():
         raise InputError(f"{root}: no {WEIGHTS_FILE}; the directory holds a config but no weights")
-    load_state_dict_strict(model, read_safetensors(weights_path), weights_path)
+    adapter = read_adapter_record(root)
+    if adapter:
+        _load_adapter_run(model, root, adapter)
+    else:
+        load_state_dict_strict(model, read_safetensors(weights_path), weights_path)
     target = dtype or _stored_float_dtype(weights_path)
     if target is not None:
         cast_parameters(model, target)
     return model.to(device).eval()
+
+
+def _load_adapter_run(model: nn.Module, root: Path, record: dict[str, Any]) -> None:
+    """Fill `model` (built from an adapter run's config) with its base's weights, then put
+    the adapters in place and load what the run saved; nothing may stay at its fresh init."""
+    from lmlab.finetune.lora import merge_adapters, restore_adapters
+
+    base = record.get("base") if isinstance(record, dict) else None
+    if not (isinstance(base, dict) and {"path", "into", "config", "weights"} <= set(base)
+            and {"lora", "trained"} <= set(record)):
+        raise InputError(f"{root / CONFIG_FILE}: malformed {ADAPTER_KEY!r} record; re-save the run")
+    base_path, into = _check_base(root, base), base["into"]
+    weights_path = root / WEIGHTS_FILE
+    saved = read_safetensors(weights_path)
+    pre = f"{into}." if into else ""
+    base_model = merge_adapters(load_model_dir(base_path))  # an adapter run as base: folded
+    state = {k: v for k, v in base_model.state_dict().items() if pre + k not in saved}
+    load_state_dict_strict(model.get_submodule(into) if into else model, state,
+                           base_path / WEIGHTS_FILE, partial=True)
+    unfilled = sorted(set(model.state_dict()) - set(saved) - {pre + k for k in state})
+    restore_adapters(model, record)
+    unfilled += sorted(n for n, p in model.named_parameters() if p.requires_grad and n not in saved)
+    if unfilled:
+        raise InputError(f"{weights_path}: lacks {_short(unfilled)}, which neither the run nor "
+                         f"its base {base_path} holds; re-save the run")
+    load_state_dict_strict(model, saved, weights_path, partial=True)

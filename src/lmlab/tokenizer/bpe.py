@@ -62,6 +62,7 @@ TOKENIZER_FILE = "tokenizer.json"
 TOKENIZER_CONFIG = "tokenizer_config.json"
 SPECIAL_TOKENS_MAP = "special_tokens_map.json"
 GENERATION_CONFIG = "generation_config.json"
+CHAT_TEMPLATE_FILE = "chat_template.jinja"  # where transformers ≥ 4.43 saves the template
 
 SPLIT_PATTERN = (
     r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}"
@@ -176,6 +177,42 @@ class Tokenizer:
         return text + (f"{IM_START}assistant\n" if add_generation_prompt else "")
 
     @property
+    def chat_template(self) -> str | None:
+        """The Jinja chat template, found where `transformers` looks: chat_template.jinja, else
+        tokenizer_config.json's "chat_template" (one string, or named ones: "default"); a
+        tokenizer without config files has lmlab's ChatML if it has its tokens. None: none."""
+        if CHAT_TEMPLATE_FILE in self._files:
+            return self._files[CHAT_TEMPLATE_FILE]
+        config = self._files.get(TOKENIZER_CONFIG) or self._lmlab_config_files()[TOKENIZER_CONFIG]
+        template = json.loads(config).get("chat_template")
+        if isinstance(template, list):  # [{"name": ..., "template": ...}, ...]
+            template = next((t.get("template") for t in template
+                             if isinstance(t, dict) and t.get("name") == "default"), None)
+        return template if isinstance(template, str) else None
+
+    def with_chatml(self) -> "Tokenizer":
+        """A copy with ChatML: `<|im_start|>`, `<|im_end|>` added as special tokens where
+        missing (new ids after the last) and CHAT_TEMPLATE as its chat template (in
+        tokenizer_config.json, which `save` writes); `<|im_end|>` ends a turn. Its other
+        special tokens and stop ids stay."""
+        hf = HFTokenizer.from_str(self.hf.to_str())
+        hf.add_special_tokens([t for t in (IM_START, IM_END) if hf.token_to_id(t) is None])
+        files = {k: v for k, v in self._files.items() if k != CHAT_TEMPLATE_FILE}
+        config = json.loads(files.get(TOKENIZER_CONFIG)
+                            or self._lmlab_config_files()[TOKENIZER_CONFIG])
+        # transformers 5 writes "extra_special_tokens", earlier versions the other
+        key = ("extra_special_tokens" if "extra_special_tokens" in config
+               else "additional_special_tokens")
+        extra = config.get(key) if isinstance(config.get(key), list) else []
+        config[key] = extra + [t for t in (IM_START, IM_END) if t not in extra]
+        config["chat_template"] = CHAT_TEMPLATE
+        files[TOKENIZER_CONFIG] = json.dumps(config, indent=2, ensure_ascii=False)
+        special = {"bos": self._token(self.bos_id), "eos": self._token(self.eos_id),
+                   "pad": self._token(self.pad_id), "eot": IM_END}
+        return Tokenizer(hf, self.path, special=special, extra_stop_ids=self._stop_ids,
+                         files=files)
+
+    @property
     def hash(self) -> str:
         """sha256 of the serialized tokenizer: shards record it to catch a mismatched tokenizer."""
         return hashlib.sha256(self.hf.to_str().encode("utf-8")).hexdigest()
@@ -240,9 +277,11 @@ class Tokenizer:
             raise InputError(f"{f}: not a valid tokenizer.json ({e})") from None
         directory = f.parent
         files = {name: _read_text(directory / name)
-                 for name in (TOKENIZER_CONFIG, SPECIAL_TOKENS_MAP, GENERATION_CONFIG)
+                 for name in (TOKENIZER_CONFIG, SPECIAL_TOKENS_MAP, GENERATION_CONFIG,
+                              CHAT_TEMPLATE_FILE)
                  if (directory / name).is_file()}
-        configs = {name: _json_object(directory / name, text) for name, text in files.items()}
+        configs = {name: _json_object(directory / name, text) for name, text in files.items()
+                   if name != CHAT_TEMPLATE_FILE}
         named = _named_special_tokens(directory, configs, hf)
         generation = _generation_ids(directory / GENERATION_CONFIG,
                                      configs.get(GENERATION_CONFIG, {}), hf)
