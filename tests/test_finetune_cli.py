@@ -110,3 +110,31 @@ def test_dpo_empty_response_and_unmatched_lora_target_are_one_line(tmp_path, bas
               "--lora.r", 4, "--lora.targets", "[q,nope]")
     one_line_error(r, "lora.targets", "nope")
     assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.slow
+def test_sft_with_lora_under_torchrun_equals_one_process(tmp_path, base, chats):
+    """Two DDP ranks of 2 rows each train what one process does with the same 4 rows: the
+    token-weighted loss and the gradient all-reduce give the same adapters (fp32)."""
+    import os
+
+    import torch
+
+    from lmlab.model_io import read_safetensors
+
+    common = ["finetune", "sft", "--model", base, "--data", chats, "--lora.r", 4,
+              "--train.max_steps", 3, "--eval_rows", 0, "--val_fraction", 0.2,
+              "--train.device", "cpu", "--train.precision", "fp32", "--train.warmup_steps", 0]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    ddp = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
+                          "--master_port", "29547", "-m", "lmlab.cli", *map(str, common),
+                          "--train.batch_size", "2", "--out_dir", str(tmp_path / "ddp")],
+                         capture_output=True, text=True, env=env, timeout=300)
+    assert ddp.returncode == 0, ddp.stdout[-2000:] + ddp.stderr[-3000:]
+    one = lmlab(*common, "--train.batch_size", 4, "--out_dir", tmp_path / "one")
+    assert one.returncode == 0, one.stderr
+    a = read_safetensors(tmp_path / "ddp" / "model.safetensors")
+    b = read_safetensors(tmp_path / "one" / "model.safetensors")
+    assert sorted(a) == sorted(b) and all(".lora." in k for k in a)
+    for k in a:
+        torch.testing.assert_close(a[k], b[k], rtol=1e-5, atol=1e-6)

@@ -254,7 +254,7 @@ def finetune_classify(cfg: ClassifyConfig, callback=None) -> ClassifyResult:
                                    max_len)
         # adapters on the body, the head trained whole (r = 0: an adapter run as the body is
         # folded into plain weights)
-        model = apply_lora(model, cfg.lora, cfg.model)
+        model = apply_lora(model, cfg.lora, cfg.model, seed=cfg.train.seed)
         if cfg.head.freeze_body:
             model.freeze_body()
     else:

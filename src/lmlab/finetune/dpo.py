@@ -427,7 +427,8 @@ def finetune_dpo(cfg: DPOConfig, callback=None) -> DPOResult:
     # adapters (lora.r > 0; a model loaded from an adapter run has its adapters folded in);
     # ChatML's new rows, if the tokenizer had to grow, train whole beside them
     model = apply_lora(model, cfg.lora, cfg.model,
-                       train=("tok_emb", "lm_head") if grown else ("head",))
+                       train=("tok_emb", "lm_head") if grown else ("head",),
+                       seed=cfg.train.seed)
     device = pick_device(cfg.train.device, int(os.environ.get("LOCAL_RANK", "0")))
     amp = autocast_dtype(cfg.train.precision, device)
     pad = tokenizer.pad_id if tokenizer.pad_id is not None else 0

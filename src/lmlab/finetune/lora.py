@@ -272,7 +272,7 @@ def _check_shapes(model: nn.Module, base_dir: str | os.PathLike, into: str,
 
 
 def apply_lora(model: nn.Module, spec: LoraSpec, base_dir: str | os.PathLike,
-               train: tuple[str, ...] = ("head",)) -> nn.Module:
+               train: tuple[str, ...] = ("head",), seed: int = 0) -> nn.Module:
     """Adapters on `model` (which holds the weights of the model directory `base_dir`), in
     place; every other parameter frozen except the modules named in `train` that exist
     (default: a classifier's new `head`). Returns `model`.
@@ -283,6 +283,8 @@ def apply_lora(model: nn.Module, spec: LoraSpec, base_dir: str | os.PathLike,
     no adapters, only that folding — a plain model to train whole. Train it with
     `run_task(..., trainable_only=True)`: the run directory then holds the adapters (and
     `train`'s modules) alone, and config.json the base it needs (`lmlab.model_io`).
+    The A matrices are drawn from `seed` (a run's `train.seed`), so the same run starts
+    from the same adapters, in one process or under torchrun.
     """
     from lmlab.model_io import base_record, read_model_config
 
@@ -302,7 +304,9 @@ def apply_lora(model: nn.Module, spec: LoraSpec, base_dir: str | os.PathLike,
     _check_shapes(model, base_dir, into, trained)
     record = {"type": "lora", "lora": dataclasses.asdict(spec),
               "base": {**base_record(base_dir), "into": into}, "trained": trained}
-    return _install(model, record, init=True)
+    with torch.random.fork_rng(devices=[]):  # the caller's random stream is left as it was
+        torch.manual_seed(seed)
+        return _install(model, record, init=True)
 
 
 def restore_adapters(model: nn.Module, record: dict) -> nn.Module:

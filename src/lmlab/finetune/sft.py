@@ -399,7 +399,7 @@ def finetune_sft(cfg: SFTConfig, callback=None) -> SFTResult:
     data = load_sft_data(cfg.data, tokenizer, seq_len, cfg.overlong, cfg.val_fraction,
                          cfg.split_seed)
     # adapters (lora.r > 0); a model loaded from an adapter run has its adapters folded in
-    model = apply_lora(model, cfg.lora, cfg.model)
+    model = apply_lora(model, cfg.lora, cfg.model, seed=cfg.train.seed)
     pad = tokenizer.pad_id if tokenizer.pad_id is not None else tokenizer.eos_id or 0
     task = SFTTask(data.train, data.val, seq_len, cfg.train.batch_size, cfg.batching, pad,
                    cfg.train.seed, cfg.train.eval_tokens or None)
