@@ -184,6 +184,17 @@ def test_a_target_that_matches_no_layer_is_one_line(tmp_path, targets, message):
     assert "\n" not in str(e.value) and "q k v o up down lm_head" in str(e.value)
 
 
+def test_modules_to_save_train_whole_beside_the_adapters_and_unknown_ones_are_refused(tmp_path):
+    save_model_dir(tiny("tiny"), tmp_path / "gpt2")
+    model = apply_lora(load_model_dir(tmp_path / "gpt2"),
+                       LoraSpec(r=4, modules_to_save=["tok_emb"]), tmp_path / "gpt2")
+    trained = {n for n, p in model.named_parameters() if p.requires_grad}
+    assert "tok_emb.weight" in trained and all(".lora." in n for n in trained - {"tok_emb.weight"})
+    with pytest.raises(ConfigError, match=r"^lora.modules_to_save: \['embed'\] match no module"):
+        apply_lora(load_model_dir(tmp_path / "gpt2"), LoraSpec(r=4, modules_to_save=["embed"]),
+                   tmp_path / "gpt2")
+
+
 # ------------------------------------------------------------------ runs and directories
 
 

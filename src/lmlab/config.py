@@ -149,6 +149,9 @@ class LoraSpec:
     # layers to adapt, by part: q k v o (attention), gate up down (MLP; a GELU MLP's input is
     # "up"), lm_head; or "all-linear" (every Linear of the blocks: q k v o gate up down)
     targets: list[str] = field(default_factory=lambda: ["all-linear"])
+    # modules trained whole beside the adapters (PEFT's modules_to_save), e.g. [tok_emb] when
+    # the chat tokens' embeddings were never trained (a base pretrained without chat)
+    modules_to_save: list[str] = field(default_factory=list)
 
     def __post_init__(self) -> None:
         check_fields(self, "lora.", r=">=0", alpha=">0", dropout="[0,1)")

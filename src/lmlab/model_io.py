@@ -394,10 +394,18 @@ def _load_adapter_run(model: nn.Module, root: Path, record: dict[str, Any]) -> N
     saved = read_safetensors(weights_path)
     pre = f"{into}." if into else ""
     base_model = merge_adapters(load_model_dir(base_path))  # an adapter run as base: folded
-    state = {k: v for k, v in base_model.state_dict().items() if pre + k not in saved}
+    # a name tied to a saved tensor (lm_head.weight to a trained, grown tok_emb.weight) is
+    # the run's too: the base's version of it (other rows, maybe) must not be loaded
+    tensors = model.state_dict(keep_vars=True)
+    ties: dict[int, set[str]] = {}
+    for name, t in tensors.items():
+        ties.setdefault(id(t), set()).add(name)
+    run_owned = set().union(*(ties[id(tensors[k])] for k in saved if k in tensors)) if saved \
+        else set()
+    state = {k: v for k, v in base_model.state_dict().items() if pre + k not in run_owned | set(saved)}
     load_state_dict_strict(model.get_submodule(into) if into else model, state,
                            base_path / WEIGHTS_FILE, partial=True)
-    unfilled = sorted(set(model.state_dict()) - set(saved) - {pre + k for k in state})
+    unfilled = sorted(set(model.state_dict()) - set(saved) - run_owned - {pre + k for k in state})
     restore_adapters(model, record)
     unfilled += sorted(n for n, p in model.named_parameters() if p.requires_grad and n not in saved)
     if unfilled:

@@ -300,7 +300,13 @@ def apply_lora(model: nn.Module, spec: LoraSpec, base_dir: str | os.PathLike,
     else:
         raise ConfigError(f"lora: the base {base_dir} is a {base_kind!r}, which is neither this "
                           f"model ({model.kind!r}) nor its body ({lm.kind!r})")
-    trained = [n for n in train if n in dict(model.named_modules()) and n]
+    modules = dict(model.named_modules())
+    missing = [n for n in spec.modules_to_save if n not in modules or not n]
+    if missing:
+        top = ", ".join(n for n, _ in model.named_children())
+        raise ConfigError(f"lora.modules_to_save: {missing} match no module of this model "
+                          f"(its modules: {top})")
+    trained = list(dict.fromkeys(n for n in (*spec.modules_to_save, *train) if n in modules and n))
     _check_shapes(model, base_dir, into, trained)
     record = {"type": "lora", "lora": dataclasses.asdict(spec),
               "base": {**base_record(base_dir), "into": into}, "trained": trained}

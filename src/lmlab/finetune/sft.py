@@ -391,15 +391,12 @@ def finetune_sft(cfg: SFTConfig, callback=None) -> SFTResult:
     if cfg.batching == "pack" and "attn_mask" not in inspect.signature(model.forward).parameters:
         raise ConfigError(f"batching=pack needs a model that takes an attention mask; model "
                           f"kind {model.kind!r} does not: use --batching pad")
-    if cfg.lora.r and grown:
-        raise ConfigError(f"lora.r: the tokenizer of {cfg.model} has no chat template, and the "
-                          "tokens ChatML adds need new embedding rows, which adapters do not "
-                          "train; fine-tune fully first (no --lora.r), or start from a model "
-                          "whose tokenizer has a chat template")
     data = load_sft_data(cfg.data, tokenizer, seq_len, cfg.overlong, cfg.val_fraction,
                          cfg.split_seed)
     # adapters (lora.r > 0); a model loaded from an adapter run has its adapters folded in
-    model = apply_lora(model, cfg.lora, cfg.model, seed=cfg.train.seed)
+    # ChatML's new rows, if the tokenizer had to grow, train whole beside the adapters
+    model = apply_lora(model, cfg.lora, cfg.model, seed=cfg.train.seed,
+                       train=("tok_emb", "lm_head") if grown else ("head",))
     pad = tokenizer.pad_id if tokenizer.pad_id is not None else tokenizer.eos_id or 0
     task = SFTTask(data.train, data.val, seq_len, cfg.train.batch_size, cfg.batching, pad,
                    cfg.train.seed, cfg.train.eval_tokens or None)
