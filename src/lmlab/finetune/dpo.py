@@ -35,7 +35,6 @@ rejected are strings (one assistant turn) or message lists (the turns after the 
 
 from __future__ import annotations
 
-import dataclasses
 import functools
 import hashlib
 import json
@@ -58,6 +57,7 @@ from lmlab.eval.logprobs import sequence_logprobs
 from lmlab.fileio import atomic_write_bytes, atomic_write_text
 from lmlab.finetune.classify import pad_batch
 from lmlab.finetune.lora import adapters_disabled, apply_lora
+from lmlab.finetune.sft import claim_chat_run
 from lmlab.model import require_causal_lm
 from lmlab.model.loss import IGNORE_INDEX
 from lmlab.model_io import UnreadableFile, read_safetensors
@@ -65,7 +65,7 @@ from lmlab.outputs import absolute
 from lmlab.tokenizer import Tokenizer
 from lmlab.train.distributed import autocast, autocast_dtype, pick_device
 from lmlab.train.metrics import read_metrics
-from lmlab.train.runner import RunResult, claim_run_dir, run_task
+from lmlab.train.runner import RunResult, run_task
 
 log = logging.getLogger(__name__)
 
@@ -412,17 +412,8 @@ def finetune_dpo(cfg: DPOConfig, callback=None) -> DPOResult:
                          "lower --val_fraction")
 
     run_dir = Path(cfg.out_dir)
-    inputs = {k: v for k, v in dataclasses.asdict(cfg).items()
-              if k not in ("out_dir", "resume", "overwrite")}
-    inputs.update(model=absolute(cfg.model), data=absolute(cfg.data))
-    claim = claim_run_dir(run_dir, "finetune dpo", inputs, (cfg.model, cfg.data), cfg.overwrite,
-                          cfg.resume)
+    claim, tokenizer_dir = claim_chat_run(cfg, "finetune dpo", tokenizer, grown)
     is_main = int(os.environ.get("RANK", "0")) == 0
-    tokenizer_dir = cfg.model
-    if grown:  # the run directory carries the tokenizer with ChatML's tokens
-        tokenizer_dir = str(run_dir / "tokenizer")
-        if is_main:
-            tokenizer.save(tokenizer_dir, replace=True)
     torch.manual_seed(cfg.train.seed)
     # adapters (lora.r > 0; a model loaded from an adapter run has its adapters folded in);
     # ChatML's new rows, if the tokenizer had to grow, train whole beside them

@@ -358,6 +358,27 @@ def load_sft_data(path: str | Path, tokenizer: Tokenizer, seq_len: int, overlong
     return SFTData(train, val, [conversations[i][1] for i in splits["val"]], report)
 
 
+def claim_chat_run(cfg, command: str, tokenizer: Tokenizer, grown: bool,
+                   **more_inputs: str | None) -> tuple[Any, str]:
+    """Claim a fine-tuning run's directory (`cfg.out_dir`, reading `cfg.model`, `cfg.data`
+    and the files of `more_inputs`); return the claim and the tokenizer directory the run
+    carries: the model's, or — when ChatML's tokens had to be added — the grown tokenizer,
+    saved into the run directory."""
+    run_dir = Path(cfg.out_dir)
+    inputs = {k: v for k, v in dataclasses.asdict(cfg).items()
+              if k not in ("out_dir", "resume", "overwrite")}
+    inputs.update(model=absolute(cfg.model), data=absolute(cfg.data),
+                  **{k: v and absolute(v) for k, v in more_inputs.items()})
+    reads = (cfg.model, cfg.data, *(v for v in more_inputs.values() if v))
+    claim = claim_run_dir(run_dir, command, inputs, reads, cfg.overwrite, cfg.resume)
+    if not grown:
+        return claim, cfg.model
+    tokenizer_dir = str(run_dir / "tokenizer")
+    if int(os.environ.get("RANK", "0")) == 0:
+        tokenizer.save(tokenizer_dir, replace=True)
+    return claim, tokenizer_dir
+
+
 @dataclass
 class SFTResult:
     run: RunResult
@@ -405,19 +426,9 @@ def finetune_sft(cfg: SFTConfig, callback=None) -> SFTResult:
         report["pack_fill"] = report["tokens"] / (len(task.epoch_rows(0)) * seq_len)
 
     run_dir = Path(cfg.out_dir)
-    inputs = {k: v for k, v in dataclasses.asdict(cfg).items()
-              if k not in ("out_dir", "resume", "overwrite")}
-    inputs.update(model=absolute(cfg.model), data=absolute(cfg.data),
-                  eval_data=cfg.eval_data and absolute(cfg.eval_data))
-    claim = claim_run_dir(run_dir, "finetune sft", inputs,
-                          (cfg.model, cfg.data) + ((cfg.eval_data,) if cfg.eval_data else ()),
-                          cfg.overwrite, cfg.resume)
+    claim, tokenizer_dir = claim_chat_run(cfg, "finetune sft", tokenizer, grown,
+                                          eval_data=cfg.eval_data)
     is_main = int(os.environ.get("RANK", "0")) == 0
-    tokenizer_dir = cfg.model
-    if grown:  # the run directory carries the tokenizer with ChatML's tokens
-        tokenizer_dir = str(run_dir / "tokenizer")
-        if is_main:
-            tokenizer.save(tokenizer_dir, replace=True)
 
     held_out = eval_conversations(
         tokenizer, load_conversations(cfg.eval_data) if cfg.eval_data else data.held_out,
