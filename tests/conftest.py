@@ -92,3 +92,20 @@ def run_cli(argv: list[str]) -> tuple[int, str, str]:
             traceback.print_exc(file=err)
             rc = 1
     return rc, out.getvalue(), err.getvalue()
+
+
+@pytest.fixture(scope="session")
+def chat_model_dir(tmp_path_factory, tokenizer):
+    """A tiny LLaMA-style model directory (random weights, fp32) whose tokenizer has ChatML:
+    what the serving tests (engine, server, web page, `lmlab chat`, RAG) talk to. Its text is
+    noise, but every id it samples is real: English, code and Chinese pieces."""
+    from lmlab.model import Transformer, preset
+    from lmlab.model_io import save_model_dir
+
+    chat_tok = tokenizer.with_chatml()
+    root = tmp_path_factory.mktemp("chat-model")
+    chat_tok.save(root / "tok")
+    torch.manual_seed(0)
+    model = Transformer(preset("llama-tiny", vocab_size=chat_tok.vocab_size, d_model=64))
+    save_model_dir(model, root / "model", tokenizer_dir=root / "tok")
+    return root / "model"

@@ -1,9 +1,11 @@
-"""The generation loop of lmlab: prompt ids in, new token ids out, one step at a time.
+"""Generation from Python: prompt ids in, new token ids out, one step at a time.
 
-Every consumer (the `generate` and `chat` commands, the server, evaluation)
-calls `generate`, so sampling, stopping and batching behave the same everywhere.
+`generate` is a thin wrapper over the engine (`lmlab.infer.engine`), the one
+decode loop that `lmlab chat`, the server and evaluation use too, so sampling,
+stopping and batching behave the same everywhere. It submits each prompt as a
+request and runs the engine's steps in the caller's thread.
 
-How it works (autoregressive decoding with a key/value cache):
+How decoding works (autoregressive, with a key/value cache):
 
 1. prefill: one forward pass over the whole prompt fills the KV cache and gives
    the logits of the first new token;
@@ -11,21 +13,20 @@ How it works (autoregressive decoding with a key/value cache):
    cached keys/values of all earlier positions, so a step costs O(1) matmuls
    per layer instead of re-running the whole sequence.
 
-The loop talks to the model through the kind protocol of `lmlab.model` only:
-`model.new_decode_state(batch, max_len, pad)` and `model.decode_step(ids, state)`
-(next-token logits at the last position). The Transformer's state is its KV
-cache; a recurrent model's would be its hidden state. Prompts of different
-lengths share one batch by left-padding; the state is told each row's padding
-so that a row's result does not depend on what it was batched with (tested
-against one-at-a-time decoding).
+The engine talks to the model through the kind protocol of `lmlab.model` only:
+the slot protocol (`new_slots`, `prefill_slot`, `decode_slots`) where the kind
+has it (the Transformer: each row at its own position, rows joining and
+leaving), else `new_decode_state` / `decode_step` in lockstep. A row's result
+does not depend on what it was batched with (tested against one-at-a-time
+decoding).
 
 Speed: on a CPU at batch 1 a step of a small model takes a few milliseconds,
 most of it streaming every weight matrix from memory for a matrix-vector
 product, then the framework's per-op overhead. So the loop adds almost nothing
-per step: the state (cache, masks, position offsets) is built once, a batch
-without padding passes no mask at all (the model then takes its mask-free
-path), only the last prompt position goes through the output layer, and the
-last new token is never fed back. The products themselves go through
+per step: the cache is allocated once, a batch whose rows are at the same
+position passes no mask at all (the model then takes its mask-free path),
+only the last prompt position goes through the output layer, and the last
+new token is never fed back. The products themselves go through
 `lmlab.model.transformer.Linear`, which on a CPU takes a blocked matrix-vector
 product where that measures faster than `F.linear` on the machine at hand
 (`lmlab.model.fastpath`; 2-3x on the 2-core AMD EPYC of the benchmarks, slower
@@ -48,11 +49,10 @@ from collections.abc import Iterable, Iterator, Sequence
 from typing import overload
 
 import torch
-
 from torch import nn
 
-from lmlab.infer.sampling import GenerationError, check_sampling_args, sample_next
-from lmlab.model import device_of, require_causal_lm
+from lmlab.infer.engine import Engine, SamplingParams
+from lmlab.infer.sampling import GenerationError
 
 __all__ = [
     "generate", "generate_ids", "stream_text", "generate_text", "TextStreamer", "GenerationError",
@@ -84,32 +84,54 @@ def generate(model, prompt_ids, max_new_tokens, *, temperature=1.0, top_k=None, 
 
     - `temperature=0` is greedy; otherwise sampling with optional `top_k` / `top_p`
       (see `lmlab.infer.sampling`). `seed` makes sampling reproducible: the same
-      seed and settings give the same tokens.
+      seed and settings give the same tokens; prompt i of a batch draws from
+      seed + i, so it gets the tokens it would get alone with that seed.
     - `eos_id` (one id or several, e.g. end-of-text and end-of-turn): a prompt
       stops after yielding one of them when `stop_at_eos`; the stop token itself
       is yielded, so a caller can tell "stopped" from "ran out of tokens".
-    - Prompt plus new tokens never exceed `model.max_seq_len`: generation
-      stops there (logged); a prompt longer than that raises GenerationError.
+    - Prompt plus new tokens never exceed `model.max_seq_len`: a prompt stops
+      there (logged); a prompt longer than that raises GenerationError.
 
+    The rows run through the engine (`lmlab.infer.engine`), in this thread.
     Arguments are checked here, before the first `next()`, so a bad setting
     fails at the call. The model's parameters give the device and dtype; call
     `model.eval()` first (dropout is not switched off here).
     """
-    if not hasattr(model, "decode_step"):
-        hint = ("it is a classifier: `lmlab classify --model DIR --input FILE`"
-                if getattr(model, "labels", None) is not None else "it has no decode_step")
-        raise GenerationError(f"model kind {getattr(model, 'kind', '?')!r} does not generate "
-                              f"text; {hint}")
     rows, single = _as_rows(prompt_ids)
-    check_sampling_args(temperature, top_k, top_p)
-    n_new = _budget(model, rows, max_new_tokens)
-    stop_ids = set() if eos_id is None or not stop_at_eos else (
-        {eos_id} if isinstance(eos_id, int) else set(eos_id))
-    if n_new == 0:
+    if max_new_tokens < 0:
+        raise GenerationError(f"max_new_tokens must be >= 0, got {max_new_tokens}")
+    if not rows:
+        raise GenerationError("no prompts given")
+    engine = Engine(model, max_batch=len(rows), max_queue=0)
+    stops = () if eos_id is None or not stop_at_eos else (
+        (eos_id,) if isinstance(eos_id, int) else tuple(eos_id))
+    reqs = [engine.submit(r, SamplingParams(
+        max_tokens=max(max_new_tokens, 1), temperature=temperature, top_k=top_k, top_p=top_p,
+        seed=None if seed is None else seed + i, stop_ids=stops)) for i, r in enumerate(rows)]
+    if max_new_tokens == 0:
         return iter(())
-    decoder = _Decoder(model, rows, n_new, temperature, top_k, top_p, seed)
-    steps = _run(decoder, n_new, stop_ids)
+    _warn_if_cut(model, reqs, max_new_tokens)
+    steps = _steps(engine, reqs)
     return (step[0] for step in steps) if single else steps
+
+
+def _steps(engine: Engine, reqs: list) -> Iterator[list[int | None]]:
+    """One list per engine step: each request's new id, None once it has stopped."""
+    seen = [0] * len(reqs)
+    while engine.step() or any(len(r.token_ids) > n for r, n in zip(reqs, seen)):
+        out: list[int | None] = []
+        for i, r in enumerate(reqs):
+            out.append(r.token_ids[seen[i]] if len(r.token_ids) > seen[i] else None)
+            seen[i] = len(r.token_ids)
+        yield out
+
+
+def _warn_if_cut(model, reqs: list, max_new_tokens: int) -> None:
+    cut = [r for r in reqs if r.budget < max_new_tokens]
+    if cut:
+        logger.warning("generating %d tokens, not %d: the prompt (%d tokens) leaves that much "
+                       "of the model's context (max_seq_len=%d)", cut[0].budget, max_new_tokens,
+                       cut[0].prompt_tokens, model.max_seq_len)
 
 
 def generate_ids(model: nn.Module, prompt_ids, max_new_tokens: int, **kwargs):
@@ -133,85 +155,6 @@ def _as_rows(prompt_ids) -> tuple[list[list[int]], bool]:
     single = len(prompt_ids) == 0 or isinstance(prompt_ids[0], numbers.Integral)
     rows = [prompt_ids] if single else prompt_ids
     return [[int(t) for t in r] for r in rows], single
-
-
-def _budget(model, rows: list[list[int]], max_new_tokens: int) -> int:
-    """How many tokens to generate: max_new_tokens, cut to what the model's context leaves."""
-    if max_new_tokens < 0:
-        raise GenerationError(f"max_new_tokens must be >= 0, got {max_new_tokens}")
-    if not rows:
-        raise GenerationError("no prompts given")
-    longest = max(len(r) for r in rows)
-    if min(len(r) for r in rows) == 0:
-        raise GenerationError("empty prompt: give at least one token (e.g. the EOS id, "
-                              "which starts a new document)")
-    context = model.max_seq_len  # None: no limit (e.g. a recurrent model)
-    if context is not None and longest > context:
-        raise GenerationError(f"prompt of {longest} tokens is longer than the model's context "
-                              f"(max_seq_len={context}); shorten it")
-    for r in rows:
-        if min(r) < 0 or max(r) >= model.vocab_size:
-            raise GenerationError(f"prompt has token ids outside [0, {model.vocab_size})")
-    if context is None:
-        return max_new_tokens
-    # the last new token is never fed back, so it may sit at position max_seq_len
-    room = context - longest + 1
-    if max_new_tokens > room:
-        logger.warning("generating %d tokens, not %d: the prompt (%d tokens) leaves that much "
-                       "of the model's context (max_seq_len=%d)",
-                       room, max_new_tokens, longest, context)
-    return min(max_new_tokens, room)
-
-
-def _run(decoder: "_Decoder", n_new: int, stop_ids: set[int]) -> Iterator[list[int | None]]:
-    tokens = decoder.prefill()
-    alive = [True] * decoder.batch_size
-    for i in range(n_new):
-        out = tokens.tolist()
-        if stop_ids:
-            for b, tok in enumerate(out):
-                if not alive[b]:
-                    out[b] = None
-                elif tok in stop_ids:
-                    alive[b] = False
-        yield out
-        if i + 1 == n_new or not any(alive):
-            return
-        # finished rows keep computing (their outputs are dropped): removing them
-        # would mean reshaping the cache, which costs more than it saves at these sizes
-        tokens = decoder.step(tokens)
-
-
-class _Decoder:
-    """One batched generation: the padded prompt and the model's decode state, built once."""
-
-    def __init__(self, model: nn.Module, rows: list[list[int]], n_new: int,
-                 temperature: float, top_k: int | None, top_p: float | None, seed: int | None):
-        require_causal_lm(model, "generate")
-        device = device_of(model)
-        self.model = model
-        self.batch_size = len(rows)
-        self.sampling = dict(temperature=temperature, top_k=top_k, top_p=top_p)
-        if seed is None:
-            self.sampling["generator"] = None
-        else:
-            self.sampling["generator"] = torch.Generator(device).manual_seed(seed)
-
-        longest = max(len(r) for r in rows)
-        length = longest + max(n_new - 1, 0)  # positions that go through the model
-        pads = [longest - len(r) for r in rows]
-        # pad slots hold id 0; the state masks them out
-        self.ids = torch.tensor([[0] * p + r for p, r in zip(pads, rows)], device=device)
-        pad = torch.tensor(pads, device=device) if any(pads) else None
-        self.state = model.new_decode_state(len(rows), length, pad=pad)
-
-    @torch.inference_mode()
-    def prefill(self) -> torch.Tensor:
-        return sample_next(self.model.decode_step(self.ids, self.state), **self.sampling)
-
-    @torch.inference_mode()
-    def step(self, tokens: torch.Tensor) -> torch.Tensor:
-        return sample_next(self.model.decode_step(tokens[:, None], self.state), **self.sampling)
 
 
 # ---------------------------------------------------------------- text

@@ -13,6 +13,15 @@ Face `transformers`, so the same settings mean the same thing in both. Random
 draws take an explicit `torch.Generator`: a seeded generator makes a whole
 generation reproducible without touching the global RNG that training and other
 callers share.
+
+The engine's rows each carry their own settings, so `sample_rows` takes them
+as tensors, one entry per row, and draws by inverting each row's cumulative
+distribution at a uniform number u the row's own generator gave: token i is
+chosen when F(i−1) ≤ u·F(V) < F(i). A row's draw then depends on its seed
+alone, never on which other rows share the step. A repetition penalty θ
+(Keskar et al. 2019, CTRL; as in `transformers`) first divides the positive
+logits of every id already in the row's text by θ and multiplies the negative
+ones by θ (`penalize_repeats`).
 """
 
 from __future__ import annotations
@@ -21,7 +30,8 @@ import torch
 
 from lmlab.errors import InputError
 
-__all__ = ["GenerationError", "sample_next", "top_k_filter", "top_p_filter", "check_sampling_args"]
+__all__ = ["GenerationError", "sample_next", "top_k_filter", "top_p_filter", "check_sampling_args",
+           "sample_rows", "penalize_repeats"]
 
 
 class GenerationError(InputError, ValueError):
@@ -86,3 +96,48 @@ def sample_next(logits: torch.Tensor, temperature: float = 1.0, top_k: int | Non
         logits = top_p_filter(logits, top_p)
     probs = logits.softmax(dim=-1)
     return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
+
+
+def penalize_repeats(logits: torch.Tensor, seen: torch.Tensor, penalty: torch.Tensor) -> torch.Tensor:
+    """Logits (n, V) with each row's already-seen ids (`seen`, bool (n, V)) made less likely by
+    that row's `penalty` (n,): z/θ where z > 0, z·θ where z ≤ 0; θ = 1 leaves the row as it is."""
+    theta = penalty[:, None].to(logits.dtype)
+    return torch.where(seen, torch.where(logits > 0, logits / theta, logits * theta), logits)
+
+
+def sample_rows(logits: torch.Tensor, temperature: torch.Tensor, uniform: torch.Tensor,
+                top_k: torch.Tensor | None = None, top_p: torch.Tensor | None = None) -> torch.Tensor:
+    """The next id of each row of `logits` (n, V), every row with its own settings.
+
+    `temperature` (n,): 0 = greedy for that row. `uniform` (n,) float64 in [0, 1): the
+    row's random number. `top_k` (n,) int, 0 = off; `top_p` (n,) float, ≥ 1 = off.
+    Filters in `sample_next`'s order (temperature, top-k, top-p), with top-k's ties at
+    the k-th value kept as `top_k_filter` keeps them.
+    """
+    greedy = temperature == 0
+    best = logits.argmax(dim=-1)
+    if bool(greedy.all()):
+        return best
+    z = logits.float() / torch.where(greedy, 1.0, temperature.float())[:, None]
+    if top_k is None and top_p is None:
+        return torch.where(greedy, best, _inverse_cdf(z.softmax(dim=-1), uniform))
+    z, order = z.sort(dim=-1, descending=True)
+    if top_k is not None:
+        V = z.shape[-1]
+        k = torch.where(top_k > 0, top_k, V).clamp(max=V)
+        z = z.masked_fill(z < z.gather(1, (k - 1)[:, None]), float("-inf"))
+    probs = z.softmax(dim=-1)
+    if top_p is not None:  # as top_p_filter: dropped when the tokens before reach p alone
+        p = torch.where(top_p >= 1, float("inf"), top_p.float())[:, None]
+        probs = probs.masked_fill((probs.cumsum(dim=-1) - probs) >= p, 0.0)
+    choice = order.gather(1, _inverse_cdf(probs, uniform)[:, None]).squeeze(1)
+    return torch.where(greedy, best, choice)
+
+
+def _inverse_cdf(probs: torch.Tensor, uniform: torch.Tensor) -> torch.Tensor:
+    """Per row, the first id whose cumulative probability exceeds u × the row's total
+    (unnormalised rows are fine: a filter's zeros are renormalised away)."""
+    cdf = probs.double().cumsum(dim=-1)
+    x = uniform.to(cdf.device, torch.float64) * cdf[:, -1]
+    idx = torch.searchsorted(cdf, x[:, None], right=True).squeeze(1)
+    return idx.clamp(max=probs.shape[-1] - 1)

@@ -183,6 +183,111 @@ class KVCache:
         self.v[layer][:, :, self.pos:end] = v
         return self.k[layer][:, :, :end], self.v[layer][:, :, :end]
 
+    def advance(self, T: int) -> None:
+        """T more positions are stored (the model calls this after its last layer)."""
+        self.pos += T
+
+
+class SlotCache:
+    """The KV cache of a running batch whose rows come and go (continuous batching).
+
+    One preallocated row ("slot") per sequence, each at its own length `lens[i]`:
+    a request joining the batch is prefilled into a free slot alone (a batch-1
+    `KVCache` over that slot's row, no copy), then decodes one token per step
+    together with the others through `rows(n)`, which writes each row's new key
+    and value at that row's own length. The running rows are kept in slots
+    0..n-1: a row that leaves is replaced by the last one (`move`), so a step
+    computes only live rows and reads the cache as views, never gathers it.
+
+    Memory: 2 (K and V) × n_layer × n_kv_head × head_dim × bytes per element, per
+    position per slot. The length grows by doubling (`reserve`) up to
+    max_seq_len, so short chats on a long-context model do not allocate its
+    whole context for every slot.
+    """
+
+    def __init__(self, cfg: ModelConfig, n_slots: int, max_len: int, device, dtype):
+        self.cfg, self.n_slots, self.device, self.dtype = cfg, n_slots, device, dtype
+        self.max_len = 0
+        self.k: list[torch.Tensor] = []
+        self.v: list[torch.Tensor] = []
+        self.lens = [0] * n_slots
+        self.reserve(max_len)
+
+    def reserve(self, length: int) -> None:
+        """Room for `length` positions in every slot (doubling, capped at the model's context)."""
+        if length <= self.max_len:
+            return
+        new = min(max(length, 2 * self.max_len), self.cfg.max_seq_len)
+        if new < length:
+            raise ValueError(f"{length} positions > the model's max_seq_len {self.cfg.max_seq_len}")
+        shape = (self.n_slots, self.cfg.n_kv_head, new, self.cfg.head_dim)
+        for name in ("k", "v"):
+            grown = [torch.zeros(shape, device=self.device, dtype=self.dtype)
+                     for _ in range(self.cfg.n_layer)]
+            for old, t in zip(getattr(self, name), grown):  # none at the first reserve
+                t[:, :, :self.max_len] = old
+            setattr(self, name, grown)
+        self.max_len = new
+
+    def slot(self, i: int) -> KVCache:
+        """A batch-1 `KVCache` writing slot i's row in place, from position 0 (a prefill)."""
+        view = KVCache.__new__(KVCache)
+        view.k = [k[i:i + 1] for k in self.k]
+        view.v = [v[i:i + 1] for v in self.v]
+        view.max_len, view.pos = self.max_len, 0
+        return view
+
+    def rows(self, n: int) -> "_SlotRows":
+        """Slots 0..n-1 as one batch, for a decode step of one token per row."""
+        return _SlotRows(self, n)
+
+    def move(self, src: int, dst: int) -> None:
+        """Slot dst takes slot src's sequence (the cache of its `lens[src]` positions)."""
+        if src == dst:
+            return
+        n = self.lens[src]
+        for store in (self.k, self.v):
+            for t in store:
+                t[dst, :, :n] = t[src, :, :n]
+        self.lens[dst], self.lens[src] = n, 0
+
+
+class _SlotRows:
+    """A decode step's view of slots 0..n-1 (the `cache` argument of `Transformer.forward`):
+    row i's key/value goes to position lens[i]; where the lengths differ, a key mask hides
+    each row's positions past its own length and its RoPE/learned position is lens[i]."""
+
+    def __init__(self, slots: SlotCache, n: int):
+        self.slots, self.n = slots, n
+        lens = slots.lens[:n]
+        self.pos = max(lens)  # past: the longest row's stored positions
+        self.ragged = min(lens) != self.pos
+        self.mask = self.positions = None
+        if self.ragged:
+            device = slots.device
+            self._lens = torch.tensor(lens, device=device)
+            self._rows = torch.arange(n, device=device)
+            self.positions = self._lens[:, None]
+            # (n, 1, 1, pos + 1): True where a key belongs to the row (its past and itself)
+            self.mask = (torch.arange(self.pos + 1, device=device)[None, :]
+                         <= self._lens[:, None])[:, None, None]
+
+    def update(self, layer: int, k: torch.Tensor, v: torch.Tensor):
+        kc, vc = self.slots.k[layer], self.slots.v[layer]
+        if self.ragged:  # each row at its own length: (rows, positions) pairs
+            kc[self._rows, :, self._lens] = k[:, :, 0]
+            vc[self._rows, :, self._lens] = v[:, :, 0]
+        else:
+            kc[:self.n, :, self.pos:self.pos + 1] = k
+            vc[:self.n, :, self.pos:self.pos + 1] = v
+        end = self.pos + 1
+        return kc[:self.n, :, :end], vc[:self.n, :, :end]
+
+    def advance(self, T: int) -> None:
+        lens = self.slots.lens
+        for i in range(self.n):
+            lens[i] += T
+
 
 # ---------------------------------------------------------------- attention and MLP
 
@@ -577,6 +682,27 @@ class Transformer(nn.Module):
         # only the last position's logits are needed; the others would cost T x vocab x d
         return self.lm_head(h[:, -1])
 
+    # ------------------------------------------------ the slot protocol (continuous batching)
+
+    def new_slots(self, n_slots: int, max_len: int) -> SlotCache:
+        """A cache for up to `n_slots` sequences, `max_len` positions each to begin with."""
+        param = self.tok_emb.weight
+        return SlotCache(self.cfg, n_slots, max_len, param.device, param.dtype)
+
+    def prefill_slot(self, ids: torch.Tensor, slots: SlotCache, slot: int) -> torch.Tensor:
+        """Run a prompt (T,) into an empty slot; the next-token logits (1, vocab)."""
+        cache = slots.slot(slot)
+        h = self(ids[None], cache=cache, return_hidden=True)
+        slots.lens[slot] = cache.pos
+        return self.lm_head(h[:, -1])
+
+    def decode_slots(self, ids: torch.Tensor, slots: SlotCache) -> torch.Tensor:
+        """One token per running slot, ids (n,) for slots 0..n-1; next-token logits (n, vocab)."""
+        rows = slots.rows(ids.shape[0])
+        h = self(ids[:, None], cache=rows, attn_mask=rows.mask, positions=rows.positions,
+                 return_hidden=True)
+        return self.lm_head(h[:, -1])
+
     # ------------------------------------------------ forward
 
     def forward(self, input_ids: torch.Tensor, cache: KVCache | None = None,
@@ -610,7 +736,7 @@ class Transformer(nn.Module):
         for i, block in enumerate(self.blocks):
             x = block(x, rope, cache, i, attn_mask)
         if cache is not None:
-            cache.pos += T
+            cache.advance(T)
         x = self.norm(x)
         if targets is not None:
             return linear_cross_entropy(x, self.lm_head.weight, targets, reduction=reduction)
