@@ -423,6 +423,88 @@ def cmd_generate(a) -> int:
     return 0
 
 
+def _sampling_args(p, max_tokens: int = 512, temperature: float = 0.7) -> None:
+    p.add_argument("--max-tokens", type=int, default=max_tokens, help="most tokens per reply")
+    p.add_argument("--temperature", type=float, default=temperature, help="0 = greedy")
+    p.add_argument("--top-k", type=int | None, default=None)
+    p.add_argument("--top-p", type=float | None, default=0.9)
+    p.add_argument("--repetition-penalty", type=float, default=1.0, help="1 = off")
+    p.add_argument("--seed", type=int | None, default=None, help="same seed, same reply")
+    p.add_argument("--device", type=str, default="auto")
+
+
+def _sampling(a):
+    from lmlab.infer.engine import SamplingParams
+
+    params = SamplingParams(max_tokens=a.max_tokens, temperature=a.temperature, top_k=a.top_k,
+                            top_p=a.top_p, repetition_penalty=a.repetition_penalty, seed=a.seed)
+    params.check()
+    return params
+
+
+def _engine(a, max_batch: int = 1):
+    import lmlab
+    from lmlab.infer.engine import Engine
+    from lmlab.train.distributed import pick_device
+
+    lm = lmlab.load(a.model, device=str(pick_device(a.device)))
+    return lm, Engine(lm.model, lm.tokenizer, max_batch=max_batch,
+                      model_name=Path(a.model).resolve().name)
+
+
+@command("chat")
+def cmd_chat(a) -> int:
+    from lmlab.infer.terminal import ChatSession, chat_loop
+
+    params = _sampling(a)
+    lm, engine = _engine(a)
+    if lm.tokenizer.chat_template is None:
+        raise InputError(f"{a.model}: its tokenizer has no chat template; chat fine-tune it "
+                         "(`lmlab finetune sft` adds ChatML) or continue text with "
+                         "`lmlab generate`")
+    with engine:
+        session = ChatSession(engine, params, a.system)
+
+        def write(piece: str) -> None:
+            out.print(piece, end="", markup=False, highlight=False, soft_wrap=True)
+            out.file.flush()
+
+        return chat_loop(session, read=lambda prompt: out.input(f"[bold]{prompt}[/bold]"),
+                         write=write, note=lambda text: console.print(f"[dim]{text}[/dim]",
+                                                                      markup=True, soft_wrap=True))
+
+
+@command("serve")
+def cmd_serve(a) -> int:
+    try:
+        from lmlab.serve.server import run_server
+    except ImportError as e:
+        raise ConfigError(f"lmlab serve needs FastAPI and uvicorn ({e.name} is missing): "
+                          "pip install 'lmlab[serve]'") from None
+    run_server(a.model, host=a.host, port=a.port, api_key=a.api_key, max_batch=a.max_batch,
+               max_queue=a.max_queue, docs=a.docs, device=a.device)
+    return 0
+
+
+@command("ask")
+def cmd_ask(a) -> int:
+    from rich.markup import escape
+
+    try:
+        from lmlab.rag import DocIndex, ask, format_answer
+    except ImportError as e:
+        raise ConfigError(f"lmlab ask needs bm25s and pypdf ({e.name} is missing): "
+                          "pip install 'lmlab[rag]'") from None
+    params = _sampling(a)
+    index = DocIndex.build(a.docs)
+    lm, _ = _engine(a)
+    answer = ask(lm, index, a.question, k=a.k, max_tokens=params.max_tokens,
+                 temperature=params.temperature, top_p=params.top_p, top_k=params.top_k,
+                 seed=params.seed)
+    out.print(escape(format_answer(answer)), soft_wrap=True)
+    return 0
+
+
 # ------------------------------------------------------------------ classification
 
 @command("finetune.classify")
@@ -929,6 +1011,45 @@ def build_parser() -> ArgumentParser:
     g.add_argument("--system", type=str | None, default=None, help="with --chat: a system turn")
     g.add_argument("--device", type=str, default="auto")
     sub.add_subcommand("generate", g, help="generate text from a model directory")
+
+    ch = ArgumentParser(description="Chat with a model in the terminal, the reply streamed; "
+                                    "its tokenizer's chat template renders the conversation.\n"
+                                    "/reset starts over, /system TEXT sets the system turn, "
+                                    "/exit leaves; Ctrl-C stops a reply.\n\n"
+                                    "example: lmlab chat --model runs/sft")
+    ch.add_argument("--model", type=str, required=True, help="model directory")
+    ch.add_argument("--system", type=str | None, default=None, help="the system turn")
+    _sampling_args(ch)
+    sub.add_subcommand("chat", ch, help="chat with a model in the terminal")
+
+    sv = ArgumentParser(description="Serve a model over an OpenAI-compatible HTTP API, with a "
+                                    "web chat page at /.\n\n"
+                                    "example: lmlab serve --model runs/sft --port 8000")
+    sv.add_argument("--model", type=str, required=True, help="model directory")
+    sv.add_argument("--host", type=str, default="127.0.0.1",
+                    help="address to bind; 0.0.0.0 opens it to the network (then set --api-key)")
+    sv.add_argument("--port", type=int, default=8000)
+    sv.add_argument("--api-key", type=str | None, default=None,
+                    help="clients must send 'Authorization: Bearer KEY' (or set LMLAB_API_KEY)")
+    sv.add_argument("--max-batch", type=int, default=8, help="requests decoded together")
+    sv.add_argument("--max-queue", type=int, default=64,
+                    help="requests that may wait for a slot; more get 429")
+    sv.add_argument("--docs", type=str | None, default=None,
+                    help="a folder of .txt/.md/.pdf: chat answers from its passages, cited")
+    sv.add_argument("--device", type=str, default="auto")
+    sub.add_subcommand("serve", sv, help="an OpenAI-compatible server and a web chat page")
+
+    ak = ArgumentParser(description="Answer a question from your documents: the top BM25 "
+                                    "passages of a folder of .txt/.md/.pdf go into the prompt "
+                                    "and the answer cites them.\n\n"
+                                    "example: lmlab ask --model runs/sft --docs notes/ "
+                                    "'What is BM25?'")
+    ak.add_argument("--model", type=str, required=True, help="model directory")
+    ak.add_argument("--docs", type=str, required=True, help="a folder of documents")
+    ak.add_argument("question", type=str)
+    ak.add_argument("--k", type=int, default=4, help="passages put in the prompt")
+    _sampling_args(ak, max_tokens=256, temperature=0.0)
+    sub.add_subcommand("ask", ak, help="answer a question from a folder of documents")
 
     from lmlab.config import ClassifyConfig
 
