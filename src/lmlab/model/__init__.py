@@ -34,6 +34,18 @@ What a kind provides (the protocol the rest of lmlab talks to):
         last position; the state advances. The Transformer's state is its KV
         cache; a recurrent model's is its hidden state.
 
+  for continuous batching (optional; `lmlab.infer.engine` uses them where a kind has
+  them, else runs its rows in lockstep through the two methods above):
+    new_slots(n_slots, max_len) -> slots
+        one slot of decode state per sequence (the Transformer's `SlotCache`: a KV
+        cache row per slot, each at its own length); `slots.reserve(length)` makes
+        room for `length` positions, `slots.move(src, dst)` moves a sequence
+    prefill_slot(ids, slots, slot) -> logits (1, vocab)
+        run a prompt (T,) into an empty slot
+    decode_slots(ids, slots) -> logits (n, vocab)
+        one token per running sequence, ids (n,) for slots 0..n-1, each at its
+        own position; the engine keeps the running ones in slots 0..n-1
+
   optional:
     flops_per_token(seq_len) -> float training FLOPs per token, for MFU
     num_params() -> int
