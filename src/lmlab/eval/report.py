@@ -204,8 +204,10 @@ def _classifier_of(lm, label: str) -> Callable | None:
 
 def evaluate_model(lm, path, tasks, docs: list[str] | None, *, classify=None, limit=None,
                    max_text_tokens=None, harness_tasks=None, device="cpu",
-                   notes: list[str], label: str, progress: Progress | None = None) -> dict:
-    """One model's part of the report: {"model", "text", "tasks", "harness"}."""
+                   notes: list[str], label: str, progress: Progress | None = None,
+                   docs_qa=None) -> dict:
+    """One model's part of the report: {"model", "text", "tasks", "harness", "docs_qa"}.
+    `docs_qa`: (DocIndex, questions, k) — answers from documents (`lmlab.rag.qa`)."""
     from lmlab.eval.tasks import evaluate_task, is_language_model
 
     out: dict[str, Any] = {"model": model_info(lm, path)}
@@ -243,6 +245,15 @@ def evaluate_model(lm, path, tasks, docs: list[str] | None, *, classify=None, li
             progress(f"{label}: lm-eval tasks", 1, 1)
     else:
         out["harness"] = {"skipped": "no lm-eval tasks given (--harness-tasks)"}
+    if docs_qa is not None:
+        from lmlab.rag.qa import score_docs_qa
+
+        index, questions, k = docs_qa
+        if progress:
+            progress(f"{label}: answers from documents", 0, 1)
+        out["docs_qa"] = score_docs_qa(lm, index, questions[:limit] if limit else questions, k)
+        if progress:
+            progress(f"{label}: answers from documents", 1, 1)
     return out
 
 
@@ -275,6 +286,9 @@ def deltas(a: dict, b: dict) -> dict:
         if isinstance(ma, dict) and isinstance(mb, dict):
             na, nb = _numeric(ma), _numeric(mb)
             out["harness"][name] = {k: nb[k] - na[k] for k in na if k in nb}
+    if a.get("docs_qa") and b.get("docs_qa"):
+        na, nb = _numeric(a["docs_qa"]), _numeric(b["docs_qa"])
+        out["docs_qa"] = {k: nb[k] - na[k] for k in na if k in nb and k != "k"}
     return {"deltas": out, "mcnemar": mc}
 
 
@@ -293,14 +307,17 @@ def report_card(model_dir: str | os.PathLike, tasks: Sequence[str] | None = None
                 harness_tasks: Sequence[str] | None = None,
                 classify: Callable[[list[str]], Sequence] | None = None,
                 max_text_tokens: int | None = None, overwrite: bool = False,
-                progress: Progress | None = None) -> dict:
+                progress: Progress | None = None,
+                docs_qa: str | os.PathLike | None = None, docs: str | os.PathLike | None = None,
+                docs_k: int = 4) -> dict:
     """Measure `model_dir` (and `compare`) as the module docstring says; return the report.
 
     `tasks`: task files or shipped names (None: every shipped task); `text`: held-out
     text (None: the run's own val split, if any); `limit`: the first N rows of each
     task (and lm-eval's limit); `classify`: a callable for classification tasks in
     place of the model's own `classify()`; `max_text_tokens`: held-out tokens read at
-    most. With `out_dir`, the report files are written there (refused, before any
+    most; `docs_qa` (a questions JSONL of `lmlab data docs-qa`) with `docs` (the folder its
+    answers lie in): retrieval recall@1 / recall@`docs_k` and the answers' exact match. With `out_dir`, the report files are written there (refused, before any
     work, if it holds something else, unless `overwrite`).
     """
     import lmlab
@@ -319,9 +336,19 @@ def report_card(model_dir: str | os.PathLike, tasks: Sequence[str] | None = None
     for p in text_paths + harness:
         if not Path(p).exists():
             raise InputError(f"{p}: no such file or directory")
+    qa = None
+    if (docs_qa is None) != (docs is None):
+        raise ConfigError("--docs-qa and --docs go together: the questions and the folder "
+                          "their answers lie in")
+    if docs_qa is not None:
+        from lmlab.rag import DocIndex
+        from lmlab.rag.qa import load_docs_qa
+
+        qa = (DocIndex.build(docs), load_docs_qa(docs_qa), docs_k)
     claim = None
     if out_dir is not None:
-        reads = [model_dir, compare, *text_paths, *harness, *(t.path for t in task_list)]
+        reads = [model_dir, compare, *text_paths, *harness, *(t.path for t in task_list),
+                 docs_qa, docs]
         claim = claim_output_dir(out_dir, "eval", reads=[r for r in reads if r is not None],
                                  overwrite=overwrite, inputs={
                                      "model": absolute(model_dir),
@@ -329,7 +356,9 @@ def report_card(model_dir: str | os.PathLike, tasks: Sequence[str] | None = None
                                      "tasks": [absolute(t.path) for t in task_list],
                                      "text": [absolute(p) for p in text_paths] or "auto",
                                      "harness_tasks": [absolute(p) for p in harness],
-                                     "limit": limit, "max_text_tokens": max_text_tokens})
+                                     "limit": limit, "max_text_tokens": max_text_tokens,
+                                     "docs_qa": absolute(docs_qa) if docs_qa else None,
+                                     "docs": absolute(docs) if docs else None, "docs_k": docs_k})
     dev = str(pick_device(device))
     lm_a = lmlab.load(model_dir, device=dev)
     lm_b = lmlab.load(compare, device=dev) if compare is not None else None
@@ -355,7 +384,7 @@ def report_card(model_dir: str | os.PathLike, tasks: Sequence[str] | None = None
                      "compressors read all of it")
 
     common = dict(limit=limit, max_text_tokens=max_text_tokens, harness_tasks=harness,
-                  device=dev, notes=notes, progress=progress)
+                  device=dev, notes=notes, progress=progress, docs_qa=qa)
     a = evaluate_model(lm_a, model_dir, task_list, docs, classify=classify, label="model",
                        **common)
     report: dict[str, Any] = {
@@ -364,6 +393,7 @@ def report_card(model_dir: str | os.PathLike, tasks: Sequence[str] | None = None
         "text": {**text_info, **a["text"]} if found else a["text"],
         "tasks": a["tasks"],
         "harness": a["harness"],
+        "docs_qa": a.get("docs_qa"),
         "compare": None,
         "notes": notes,
         "settings": {"device": dev, "limit": limit, "max_text_tokens": max_text_tokens,
@@ -456,6 +486,21 @@ def tables(report: dict) -> list[tuple[str, list[str], list[list[str]]]]:
                     row += [_fmt(vb), _delta(cmp["deltas"]["harness"].get(task, {}).get(k))]
                 rows.append(row)
         out.append(("lm-eval tasks", ["task", "metric"] + cols, rows))
+    qa = report.get("docs_qa")
+    if qa:
+        qb, dq = (cmp.get("docs_qa") or {}, cmp["deltas"].get("docs_qa", {})) if cmp else ({}, {})
+        at_k = f"recall@{qa['k']}"
+        rows = []
+        for part, r, rb in [("all", qa, qb)] + [(lang, v, qb.get("by_lang", {}).get(lang, {}))
+                                                for lang, v in qa["by_lang"].items()]:
+            for i, key in enumerate(("recall@1", at_k, "exact_match")):
+                row = [part if i == 0 else "", _fmt(r["n"]) if i == 0 else "", key, _fmt(r[key])]
+                if cmp:
+                    row += [_fmt(rb.get(key)), _delta(dq.get(key)) if part == "all" else ""]
+                rows.append(row)
+        out.append((f"Answers from documents: {qa['n']} questions, {qa['passages']:,} passages "
+                    f"(BM25, Chinese by {qa['chinese']})", ["questions", "n", "metric"] + cols,
+                    rows))
     return out
 
 
@@ -484,6 +529,13 @@ def summary(report: dict) -> tuple[list[str], list[list[str]]]:
             row += [_fmt(mb.get(k)), _delta(cmp["deltas"]["tasks"].get(name, {}).get(k)),
                     f"{mc['p_value']:.3g}" if mc else ""]
         rows.append(row)
+    qa = report.get("docs_qa")
+    if qa:
+        qb = (cmp.get("docs_qa") or {}) if cmp else {}
+        for key in (f"recall@{qa['k']}", "exact_match"):
+            rows.append([f"docs-qa ({key})", _fmt(qa["n"]), _fmt(qa[key])]
+                        + ([_fmt(qb.get(key)), _delta(cmp["deltas"].get("docs_qa", {}).get(key)),
+                            ""] if cmp else []))
     return head, rows
 
 
