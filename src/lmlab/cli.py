@@ -664,6 +664,19 @@ def cmd_data_make_sft(a) -> int:
     return 0
 
 
+@command("data.docs-qa")
+def cmd_data_docs_qa(a) -> int:
+    from lmlab.rag.qa import build_docs_qa
+
+    r = build_docs_qa(a.out, per_kind=a.per_kind, seed=a.seed, overwrite=a.overwrite)
+    kinds = ", ".join(f"{n} {kind}" for kind, n in r["questions"].items())
+    out.print(f"wrote {r['documents']:,} documents to {r['docs']} and "
+              f"{sum(r['questions'].values()):,} questions ({kinds}) to {r['qa']}\nnext: lmlab ask --model MODEL_DIR --docs {r['docs']} "
+              f"QUESTION, or lmlab eval --model MODEL_DIR --tasks none --docs-qa {r['qa']} "
+              f"--docs {r['docs']}", soft_wrap=True)
+    return 0
+
+
 @command("classify")
 def cmd_classify(a) -> int:
     import lmlab
@@ -814,7 +827,7 @@ def cmd_eval(a) -> int:
         r = report_card(a.model, tasks=tasks, text=a.text, out_dir=out_dir, compare=a.compare,
                         device=a.device, limit=a.limit, harness_tasks=a.harness_tasks,
                         max_text_tokens=a.max_text_tokens, overwrite=a.overwrite,
-                        progress=on_progress)
+                        progress=on_progress, docs_qa=a.docs_qa, docs=a.docs, docs_k=a.docs_k)
     head, rows = summary(r)
     t = Table(title=f"eval → {escape(out_dir)}", title_justify="left")
     for j, h in enumerate(head):
@@ -931,6 +944,18 @@ def build_parser() -> ArgumentParser:
     ms.add_argument("--test-fraction", type=float, default=0.1)
     _add_overwrite_arg(ms)
     data_sub.add_subcommand("make-sft", ms, help="a bilingual instruction set for finetune sft")
+    dq = ArgumentParser(
+        description="Build a question-answering set over documents from what every machine "
+                    "has: Markdown pages of the Python standard library's modules and of "
+                    "CC-CEDICT words (中文), and questions each answered by exactly one page.\n\n"
+                    "example: lmlab data docs-qa --out data/docs-qa\n"
+                    "         lmlab eval --model runs/sft --tasks none "
+                    "--docs-qa data/docs-qa/qa.jsonl --docs data/docs-qa/docs")
+    dq.add_argument("--out", type=str, required=True, help="a directory: docs/ and qa.jsonl")
+    dq.add_argument("--per-kind", type=int, default=50, help="questions of each kind")
+    dq.add_argument("--seed", type=int, default=0)
+    _add_overwrite_arg(dq)
+    data_sub.add_subcommand("docs-qa", dq, help="documents and questions for lmlab ask / eval")
 
     e = ArgumentParser(description="Write a Hugging Face transformers directory.\n\n"
                                    "example: lmlab export-hf runs/quickstart hf-model/")
@@ -965,6 +990,12 @@ def build_parser() -> ArgumentParser:
                     help="local lm-eval task YAMLs (needs lmlab[harness])")
     ev.add_argument("--max-text-tokens", type=int | None, default=None,
                     help="held-out tokens read at most (default: all)")
+    ev.add_argument("--docs-qa", type=str | None, default=None,
+                    help="questions answered by documents (lmlab data docs-qa OUT: OUT/qa.jsonl): "
+                         "retrieval recall@1/@k and the answers' exact match")
+    ev.add_argument("--docs", type=str | None, default=None,
+                    help="with --docs-qa: the folder the answers lie in (OUT/docs)")
+    ev.add_argument("--docs-k", type=int, default=4, help="passages retrieved per question")
     ev.add_argument("--device", type=str, default="auto")
     _add_overwrite_arg(ev)
     sub.add_subcommand("eval", ev, help="one report card: held-out bpb, tasks, two models compared")
