@@ -40,6 +40,7 @@ Threads: `start()` runs the loop in a background thread (the server's way);
 
 from __future__ import annotations
 
+import dataclasses
 import itertools
 import logging
 import math
@@ -295,6 +296,8 @@ class Engine:
         """Queue a request; GenerationError at once if it cannot run, QueueFull if full."""
         params = params or SamplingParams()
         params.check()
+        if params.top_k is not None and params.top_k > self.model.vocab_size:
+            params = dataclasses.replace(params, top_k=None)  # keeps every id anyway
         if params.stop and self.tokenizer is None:
             raise GenerationError("stop strings need a tokenizer: give the engine one")
         if isinstance(prompt, str):
