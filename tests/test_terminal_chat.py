@@ -74,6 +74,9 @@ def test_ctrl_c_stops_the_reply_frees_the_slot_and_the_chat_goes_on(lm):
         notes = []
         chat_loop(session, scripted(["tell me", "and then"]), write, notes.append)
         assert "(stopped)" in notes
+        deadline = time.time() + 5  # the slot is freed by the engine's thread, just after
+        while engine.stats()["running"] and time.time() < deadline:
+            time.sleep(0.01)
         assert engine.stats()["running"] == 0
         assert session.turns[1] == {"role": "assistant", "content": "".join(pieces[:3])}
         assert len(session.turns) == 4  # the chat went on: a second turn was answered
