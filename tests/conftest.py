@@ -6,6 +6,7 @@ so tests need no downloads and see code, English and Chinese.
 
 from __future__ import annotations
 
+import contextlib
 import io
 import os
 import sysconfig
@@ -109,3 +110,97 @@ def chat_model_dir(tmp_path_factory, tokenizer):
     model = Transformer(preset("llama-tiny", vocab_size=chat_tok.vocab_size, d_model=64))
     save_model_dir(model, root / "model", tokenizer_dir=root / "tok")
     return root / "model"
+
+
+@pytest.fixture(scope="session")
+def long_chat_model_dir(chat_model_dir, tmp_path_factory):
+    """chat_model_dir with a 4096-token context, under the same directory name (so the same
+    model id): the same weights (RoPE has no position table), so that a reply runs for
+    seconds, long enough for a client to leave in the middle of it or a user to press Stop."""
+    import json
+    import shutil
+
+    out = tmp_path_factory.mktemp("long-chat-model") / chat_model_dir.name
+    shutil.copytree(chat_model_dir, out)
+    config = json.loads((out / "config.json").read_text())
+    config["lmlab_model"]["max_seq_len"] = 4096
+    (out / "config.json").write_text(json.dumps(config))
+    return out
+
+
+@pytest.fixture
+def plain_ops(monkeypatch):
+    """The plain ops, unmeasured (timing fast paths on first use per shape costs seconds on
+    2 cores; test_fastpath.py tests them), on one thread: at these sizes a second thread
+    only adds overhead, and on a loaded machine it waits for a core (4x slower measured)."""
+    from lmlab.model import fastpath
+
+    monkeypatch.setenv(fastpath.ENV, "plain")
+    fastpath.clear()
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+    fastpath.clear()
+
+
+class ServerProcess:
+    """A real `lmlab.serve.server.run_server(model_dir, **options)` process on a free port of
+    127.0.0.1, its output in `log`; it dies with this process (if pytest itself is killed)."""
+
+    def __init__(self, model_dir, log, env: dict | None = None, **options):
+        import socket
+        import subprocess
+        import sys
+
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            port = s.getsockname()[1]
+        kwargs = "".join(f", {k}={str(v) if isinstance(v, Path) else v!r}"
+                         for k, v in options.items())
+        code = (f"from lmlab.procs import die_with_parent; die_with_parent({os.getpid()}); "
+                "from lmlab.serve.server import run_server; "
+                f"run_server({str(model_dir)!r}, port={port}, log_level='warning'{kwargs})")
+        self.log, self.base = Path(log), f"http://127.0.0.1:{port}"
+        with open(log, "w") as out:
+            self.proc = subprocess.Popen([sys.executable, "-c", code], stdout=out,
+                                         stderr=subprocess.STDOUT, env={**os.environ, **(env or {})})
+
+    def wait_healthy(self, timeout: float = 90) -> str:
+        """The base URL, once /health answers 200 (a failure with the log if it dies)."""
+        import time
+
+        import httpx
+
+        deadline = time.monotonic() + timeout
+        while True:
+            try:
+                if httpx.get(self.base + "/health", timeout=2).status_code == 200:
+                    return self.base
+            except httpx.TransportError:
+                pass
+            if self.proc.poll() is not None:
+                pytest.fail(f"the server exited ({self.proc.returncode}): "
+                            f"{self.log.read_text()[-2000:]}")
+            assert time.monotonic() < deadline, f"the server was not healthy in {timeout} s"
+            time.sleep(0.1)
+
+    def stop(self) -> None:
+        import subprocess
+
+        self.proc.terminate()
+        try:
+            self.proc.wait(10)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            self.proc.wait()
+
+
+@contextlib.contextmanager
+def running_server(model_dir, log, env: dict | None = None, **options):
+    """The base URL of a healthy `ServerProcess`, stopped on leaving."""
+    server = ServerProcess(model_dir, log, env, **options)
+    try:
+        yield server.wait_healthy()
+    finally:
+        server.stop()

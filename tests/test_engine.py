@@ -19,19 +19,7 @@ from lmlab.infer.sampling import (
 )
 from lmlab.model import Transformer, model_class, preset
 
-
-@pytest.fixture(autouse=True)
-def plain_ops(monkeypatch):
-    """Unmeasured plain ops on one thread (as test_sft.py: timing fast paths costs seconds)."""
-    from lmlab.model import fastpath
-
-    monkeypatch.setenv(fastpath.ENV, "plain")
-    fastpath.clear()
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-    fastpath.clear()
+pytestmark = pytest.mark.usefixtures("plain_ops")  # conftest: unmeasured ops, one thread
 
 
 @pytest.fixture(scope="module", params=["llama", "gpt2"])

@@ -13,14 +13,9 @@ an engine failing mid-stream, answers from documents (`sources`), the web page's
 from __future__ import annotations
 
 import json
-import os
 import shutil
-import socket
-import subprocess
-import sys
 import threading
 import time
-from pathlib import Path
 
 import httpx
 import openai
@@ -37,6 +32,7 @@ from lmlab.infer.engine import Engine, SamplingParams
 from lmlab.rag import DocIndex
 from lmlab.rag.answer import prompt_budget
 from lmlab.serve.server import STATIC, create_app, run_server
+from tests.conftest import ServerProcess
 
 KEY = "test-key"
 AUTH = {"Authorization": f"Bearer {KEY}"}
@@ -47,61 +43,20 @@ ERROR_KEYS = {"message", "type", "param", "code"}
 
 # ------------------------------------------------------------------ fixtures
 
-def _start(model_dir: Path, log: Path, **kwargs) -> tuple[subprocess.Popen, str]:
-    """A server process on a free port, its key from the environment (as a user sets it)."""
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    args = ", ".join(f"{k}={v!r}" for k, v in kwargs.items())
-    code = (f"from lmlab.procs import die_with_parent; die_with_parent({os.getpid()}); "
-            "from lmlab.serve.server import run_server; "
-            f"run_server({str(model_dir)!r}, port={port}, log_level='warning', {args})")
-    proc = subprocess.Popen([sys.executable, "-c", code], stdout=log.open("w"),
-                            stderr=subprocess.STDOUT, env={**os.environ, "LMLAB_API_KEY": KEY})
-    return proc, f"http://127.0.0.1:{port}"
-
-
-def _wait_healthy(proc: subprocess.Popen, base: str, log: Path) -> None:
-    deadline = time.monotonic() + 90
-    while True:
-        try:
-            if httpx.get(base + "/health", timeout=2).status_code == 200:
-                return
-        except httpx.TransportError:
-            pass
-        if proc.poll() is not None:
-            pytest.fail(f"the server exited ({proc.returncode}): {log.read_text()[-2000:]}")
-        assert time.monotonic() < deadline, "the server did not become healthy in 90 s"
-        time.sleep(0.1)
-
-
 @pytest.fixture(scope="module")
-def servers(chat_model_dir, tmp_path_factory):
-    """Two server processes, started together: the chat model as it is (context 256), and
-    a copy with a 4096-token context (the same weights: RoPE has no position table), whose
-    answers run for seconds, so that a client can leave in the middle of one."""
+def servers(chat_model_dir, long_chat_model_dir, tmp_path_factory):
+    """Two server processes, started together, their key from the environment (as a user
+    sets it): the chat model as it is (context 256), and its 4096-token copy, whose answers
+    run for seconds, so that a client can leave in the middle of one."""
     tmp = tmp_path_factory.mktemp("server")
-    long_dir = tmp / "long" / chat_model_dir.name  # the same model name
-    shutil.copytree(chat_model_dir, long_dir)
-    config = json.loads((long_dir / "config.json").read_text())
-    config["lmlab_model"]["max_seq_len"] = 4096
-    (long_dir / "config.json").write_text(json.dumps(config))
-    logs = [tmp / "server.log", tmp / "long-server.log"]
-    procs = [_start(chat_model_dir, logs[0], max_batch=4, max_queue=16),
-             _start(long_dir, logs[1], max_batch=2)]
+    env = {"LMLAB_API_KEY": KEY}
+    procs = [ServerProcess(chat_model_dir, tmp / "server.log", env, max_batch=4, max_queue=16),
+             ServerProcess(long_chat_model_dir, tmp / "long-server.log", env, max_batch=2)]
     try:
-        for (proc, base), log in zip(procs, logs):
-            _wait_healthy(proc, base, log)
-        yield {"main": procs[0][1], "long": procs[1][1]}
+        yield {"main": procs[0].wait_healthy(), "long": procs[1].wait_healthy()}
     finally:
-        for proc, _ in procs:
-            proc.terminate()
-        for proc, _ in procs:
-            try:
-                proc.wait(10)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait()
+        for proc in procs:
+            proc.stop()
 
 
 @pytest.fixture(scope="module")

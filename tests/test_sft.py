@@ -26,6 +26,8 @@ from lmlab.model_io import save_model_dir
 from lmlab.tokenizer import IM_END, Tokenizer, train_tokenizer
 from lmlab.train.metrics import read_metrics
 
+pytestmark = pytest.mark.usefixtures("plain_ops")  # conftest: unmeasured ops, one thread
+
 CATEGORIES = {"动物": "猫狗马牛羊鸡", "水果": "梨桃杏枣橘", "颜色": "红蓝绿黄紫"}
 TEMPLATES = ["{x}是什么？", "请问{x}属于哪一类？", "{x}属于什么？", "告诉我{x}是哪类"]
 TOY = [{"prompt": t.format(x=x), "response": c}
@@ -38,22 +40,6 @@ CONVERSATION = [
     {"role": "user", "content": "Is a pear a fruit?"},
     {"role": "assistant", "content": "Yes, 梨 is a fruit."},
 ]
-
-
-@pytest.fixture(autouse=True)
-def plain_ops(monkeypatch):
-    """The plain ops, unmeasured (timing fast paths on first use per shape costs seconds on
-    2 cores; test_fastpath.py tests them), on one thread: at these sizes a second thread
-    only adds overhead, and on a loaded machine it waits for a core (4x slower measured)."""
-    from lmlab.model import fastpath
-
-    monkeypatch.setenv(fastpath.ENV, "plain")
-    fastpath.clear()
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-    fastpath.clear()
 
 
 def write_jsonl(path, rows):

@@ -16,10 +16,6 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
-import socket
-import subprocess
-import sys
 import time
 import urllib.error
 import urllib.request
@@ -27,6 +23,8 @@ from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
+
+from tests.conftest import running_server
 
 CHROMIUM = Path("/usr/bin/chromium")
 pytestmark = [
@@ -75,53 +73,8 @@ def running_rows(base: str) -> float:
 
 
 @pytest.fixture(scope="module")
-def long_model_dir(chat_model_dir, tmp_path_factory) -> Path:
-    """chat_model_dir with a 4096-token context: the same weights (RoPE has no position
-    table), so that a reply streams for seconds, long enough to watch it and stop it."""
-    out = tmp_path_factory.mktemp("webchat") / "chat-model"
-    shutil.copytree(chat_model_dir, out)
-    config = json.loads((out / "config.json").read_text())
-    config["lmlab_model"]["max_seq_len"] = 4096
-    (out / "config.json").write_text(json.dumps(config))
-    return out
-
-
-@contextmanager
-def running_server(model_dir: Path, log: Path, **options):
-    """The base URL of a real server process (`run_server(model_dir, **options)`) on a free
-    port, once /health answers 200; killed on leaving (and with this process, if pytest
-    itself is killed). Its output goes to `log`, shown if it dies."""
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    kwargs = "".join(f", {k}={str(v)!r}" for k, v in options.items())
-    code = (f"from lmlab.procs import die_with_parent; die_with_parent({os.getpid()}); "
-            "from lmlab.serve.server import run_server; "
-            f"run_server({str(model_dir)!r}, host='127.0.0.1', port={port}, "
-            f"log_level='warning'{kwargs})")
-    with open(log, "w") as out:
-        proc = subprocess.Popen([sys.executable, "-c", code], stdout=out, stderr=subprocess.STDOUT)
-    base = f"http://127.0.0.1:{port}"
-    try:
-        deadline = time.monotonic() + 90
-        while get(base + "/health")[0] != 200:
-            if proc.poll() is not None:
-                pytest.fail(f"the server exited ({proc.returncode}): {log.read_text()[-2000:]}")
-            assert time.monotonic() < deadline, "the server did not become healthy in 90 s"
-            time.sleep(0.2)
-        yield base
-    finally:
-        proc.terminate()
-        try:
-            proc.wait(10)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
-
-
-@pytest.fixture(scope="module")
-def server(long_model_dir):
-    with running_server(long_model_dir, long_model_dir.parent / "server.log") as base:
+def server(long_chat_model_dir):
+    with running_server(long_chat_model_dir, long_chat_model_dir.parent / "server.log") as base:
         yield base
 
 
@@ -171,11 +124,11 @@ def set_setting(pg, selector: str, value: str) -> None:
     pg.locator("#settings summary").click()
 
 
-def test_stream_stop_history_new_chat(page, server, long_model_dir, tmp_path):
+def test_stream_stop_history_new_chat(page, server, long_chat_model_dir, tmp_path):
     from lmlab.data.chat import prompt_ids
     from lmlab.tokenizer import Tokenizer
 
-    assert page.text_content("#model") == long_model_dir.name
+    assert page.text_content("#model") == long_chat_model_dir.name
     assert page.text_content("#send") == "发送"  # the page follows the browser's language
     bodies: list[dict] = []
     page.on("request", lambda r: bodies.append(json.loads(r.post_data))
@@ -207,7 +160,7 @@ def test_stream_stop_history_new_chat(page, server, long_model_dir, tmp_path):
     assert [m["role"] for m in history] == ["user", "assistant"] and history[1]["content"]
     assert history[0]["content"] == QUESTION
     assert bodies[0]["stream"] is True and bodies[0]["max_tokens"] == 4000
-    assert bodies[0]["temperature"] == 0 and bodies[0]["model"] == long_model_dir.name
+    assert bodies[0]["temperature"] == 0 and bodies[0]["model"] == long_chat_model_dir.name
 
     # the next turn sends the whole conversation, the stopped reply included, and shows the
     # server's usage: the prompt's tokens as the tokenizer counts them
@@ -218,7 +171,7 @@ def test_stream_stop_history_new_chat(page, server, long_model_dir, tmp_path):
              "the second reply to finish")
     sent = bodies[1]["messages"]
     assert sent == history + [{"role": "user", "content": "再说一遍"}]
-    n_prompt = len(prompt_ids(Tokenizer.load(long_model_dir), sent))
+    n_prompt = len(prompt_ids(Tokenizer.load(long_chat_model_dir), sent))
     notes = reply_state(page)["notes"]
     assert f"提示 {n_prompt} + 回复 5 个词元" in notes[0], notes
     page.screenshot(path=str(tmp_path / "webchat.png"))
