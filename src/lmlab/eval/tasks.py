@@ -398,11 +398,12 @@ def generate_outputs(model, tokenizer, prompts: Sequence[str], max_new_tokens: i
                      stop: Sequence[str] = (), batch_size: int = 16,
                      on_rows: Callable[[int], None] | None = None) -> list[str]:
     """Greedy continuations of `prompts` (one generation loop, batched), cut at `stop`."""
-    from lmlab.infer.generate import _stop_ids, generate_ids
+    from lmlab.infer.engine import stop_ids_of
+    from lmlab.infer.generate import generate_ids
 
     limit = getattr(model, "max_seq_len", None)
-    eos = _stop_ids(tokenizer)
-    stops = set(eos or [])
+    eos = stop_ids_of(tokenizer)
+    stops = set(eos)
     outs: list[str] = []
     model.eval()
     for start in range(0, len(prompts), batch_size):

@@ -287,7 +287,7 @@ class Engine:
         self._closed = False
         self.tokens_generated = 0
         self.requests_finished = 0
-        self._default_stops = set(_stop_ids(tokenizer))
+        self._default_stops = set(stop_ids_of(tokenizer))
 
     # ------------------------------------------------ submitting
 
@@ -539,7 +539,7 @@ class Engine:
             self._running.pop(i if not self.slotted else last)
 
 
-def _stop_ids(tokenizer) -> list[int]:
+def stop_ids_of(tokenizer) -> list[int]:
     """Every id the tokenizer's model ends a text or a turn with (an imported model's own)."""
     if tokenizer is None:
         return []

@@ -51,7 +51,7 @@ from typing import overload
 import torch
 from torch import nn
 
-from lmlab.infer.engine import Engine, SamplingParams
+from lmlab.infer.engine import Engine, SamplingParams, stop_ids_of
 from lmlab.infer.sampling import GenerationError
 
 __all__ = [
@@ -214,7 +214,7 @@ def stream_text(model: nn.Module, tokenizer, prompt: str | Sequence[int],
     given in kwargs. An empty prompt starts from EOS: lmlab separates documents
     with it, so that is the context "start of a new document".
     """
-    kwargs.setdefault("eos_id", _stop_ids(tokenizer))
+    kwargs.setdefault("eos_id", stop_ids_of(tokenizer))
     stops = kwargs["eos_id"]
     stops = set() if stops is None else ({stops} if isinstance(stops, int) else set(stops))
     ids = (tokenizer.encode(prompt) if isinstance(prompt, str) else list(prompt)) or [
@@ -235,14 +235,6 @@ def _pieces(tokenizer, tokens: Iterator[int], stops: set[int]) -> Iterator[str]:
     tail = streamer.flush()
     if tail:
         yield tail
-
-
-def _stop_ids(tokenizer) -> list[int] | None:
-    """Every id the tokenizer's model ends a text or a turn with (an imported model's own)."""
-    stops = getattr(tokenizer, "stop_ids", None)
-    if stops:
-        return list(stops)
-    return None if tokenizer.eos_id is None else [tokenizer.eos_id]
 
 
 def _start_id(tokenizer) -> int:

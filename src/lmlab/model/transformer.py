@@ -187,6 +187,13 @@ class KVCache:
         """T more positions are stored (the model calls this after its last layer)."""
         self.pos += T
 
+    @classmethod
+    def over(cls, k: list[torch.Tensor], v: list[torch.Tensor]) -> "KVCache":
+        """An empty cache writing into given per-layer tensors (views of a larger cache)."""
+        cache = cls.__new__(cls)
+        cache.k, cache.v, cache.max_len, cache.pos = k, v, k[0].shape[2], 0
+        return cache
+
 
 class SlotCache:
     """The KV cache of a running batch whose rows come and go (continuous batching).
@@ -231,11 +238,7 @@ class SlotCache:
 
     def slot(self, i: int) -> KVCache:
         """A batch-1 `KVCache` writing slot i's row in place, from position 0 (a prefill)."""
-        view = KVCache.__new__(KVCache)
-        view.k = [k[i:i + 1] for k in self.k]
-        view.v = [v[i:i + 1] for v in self.v]
-        view.max_len, view.pos = self.max_len, 0
-        return view
+        return KVCache.over([k[i:i + 1] for k in self.k], [v[i:i + 1] for v in self.v])
 
     def rows(self, n: int) -> "_SlotRows":
         """Slots 0..n-1 as one batch, for a decode step of one token per row."""
