@@ -43,6 +43,8 @@ def test_eval_scores_retrieval_and_answers_on_the_report_card(chat_model_dir, do
     (["eval", "--tasks", "none", "--docs-qa", "qa.jsonl"], "--docs-qa and --docs go together"),
     (["chat", "--temperature", "-1"], "temperature"),
     (["ask", "--docs", "nowhere", "q"], "nowhere"),
+    (["serve", "--max-batch", "0"], "--max-batch 0"),
+    (["serve", "--docs", "nowhere"], "--docs nowhere"),
 ])
 def test_bad_serving_input_is_one_line_exit_2(chat_model_dir, tmp_path, argv, words):
     rc, stdout, err = run_cli([argv[0], "--model", chat_model_dir, *argv[1:]])

@@ -61,7 +61,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from lmlab import __version__
 from lmlab.data.chat import prompt_ids
-from lmlab.errors import InputError
+from lmlab.errors import ConfigError, InputError
 from lmlab.infer.engine import Engine, Event, QueueFull, SamplingParams, TokenLogprob
 from lmlab.serve.metrics import CountResponses, ServerMetrics
 from lmlab.serve.protocol import (
@@ -660,6 +660,11 @@ def run_server(model: str | os.PathLike, host: str = "127.0.0.1", port: int = 80
 
     path = Path(model)
     read_model_config(path)  # a directory that is not a model: one line now, not in a thread
+    if max_batch < 1 or max_queue < 0:
+        raise ConfigError(f"--max-batch {max_batch} / --max-queue {max_queue}: need at least "
+                          "1 and 0")
+    if docs is not None and not Path(docs).exists():
+        raise InputError(f"--docs {docs}: no such folder; give a folder of .txt, .md, .pdf files")
     if api_key is None:
         api_key = os.environ.get("LMLAB_API_KEY") or None
     ready = threading.Event()
