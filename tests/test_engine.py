@@ -225,3 +225,28 @@ def test_kinds_without_slots_run_in_lockstep_with_the_same_tokens(kind):
     engine = Engine(model, max_batch=2)
     out = engine.generate(PROMPTS[:4], [greedy(10)] * 4)
     assert [c.token_ids for c in out] == alone
+
+
+def test_warm_up_settles_the_fast_paths_and_leaves_the_engine_as_new(model, monkeypatch):
+    """warm_up times each measured fast path at every batch size before any request (the
+    linear layers' few-row keys for rows 1..max_batch, the masked and unmasked decode
+    attention), and the engine then decodes exactly as one that was never warmed."""
+    from lmlab.model import fastpath
+
+    monkeypatch.setenv(fastpath.ENV, "auto")  # this test is about the measured choices
+    fastpath.clear()
+    prompts, budget = PROMPTS[:4], 8
+    cold = Engine(model, max_batch=3).generate(prompts, greedy(budget))
+    fastpath.clear()
+    engine = Engine(model, max_batch=3)
+    assert engine.warm_up(budget_s=60) == 3
+    rows = {d.key[0] for d in fastpath.decisions() if d.name == "linear_matvec"}
+    assert rows == {1, 2, 3}
+    masked = {d.key[-1] for d in fastpath.decisions() if d.name == "decode_attention"}
+    assert masked == {False, True}
+    assert engine._slots is None and engine.stats()["tokens_generated"] == 0
+    warm = engine.generate(prompts, greedy(budget))
+    # the same tokens as the cold engine (fp32 paths may differ in rounding, not in argmax
+    # on this model: a difference here means warm_up left state behind)
+    assert [c.token_ids for c in warm] == [c.token_ids for c in cold]
+    assert Engine(model, max_batch=3).warm_up(budget_s=0.0) == 1  # the budget is kept

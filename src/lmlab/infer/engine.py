@@ -386,6 +386,39 @@ class Engine:
                 self._running = []
                 self._slots = None
 
+    @torch.inference_mode()
+    def warm_up(self, budget_s: float = 20.0, steps: int = 14, prompt_len: int = 24) -> int:
+        """Run dummy decode steps at every batch size 1..max_batch before any request, so
+        the fast paths (`lmlab.model.fastpath`) settle their per-shape timing here and not
+        in the first users' steps. Each batch size runs `steps` steps with equal row
+        lengths and `steps` with unequal ones (the masked attention), from prompts of about
+        `prompt_len` tokens; it stops once `budget_s` seconds are spent. Returns the batch
+        sizes warmed. Only for slot kinds, and only before the first request."""
+        if not self.slotted or self._slots is not None or self._thread is not None:
+            return 0
+        room = self.model.max_seq_len or FIRST_CACHE_LEN
+        prompt_len = max(1, min(prompt_len, room - steps - self.max_batch - 2))
+        if prompt_len + steps + self.max_batch + 2 > room:
+            return 0
+        deadline = time.monotonic() + budget_s
+        gen = torch.Generator().manual_seed(0)
+        vocab = self.model.vocab_size
+        warmed = 0
+        for n in range(1, self.max_batch + 1):
+            for ragged in (False, True) if n > 1 else (False,):
+                slots = self.model.new_slots(n, min(room, FIRST_CACHE_LEN))
+                for i in range(n):
+                    length = prompt_len + (i if ragged else 0)
+                    ids = torch.randint(0, vocab, (length,), generator=gen).to(self.device)
+                    self.model.prefill_slot(ids, slots, i)
+                ids = torch.zeros(n, dtype=torch.long, device=self.device)
+                for _ in range(steps):
+                    self.model.decode_slots(ids, slots)
+                if time.monotonic() > deadline:
+                    return warmed + 1
+            warmed += 1
+        return warmed
+
     def stats(self) -> dict:
         return {"queue_depth": len(self._waiting), "running": len(self._running),
                 "max_batch": self.max_batch, "tokens_generated": self.tokens_generated,

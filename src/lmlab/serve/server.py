@@ -647,13 +647,15 @@ async def _text_chunks(request: Request, gens: _Generations, head: dict,
 def run_server(model: str | os.PathLike, host: str = "127.0.0.1", port: int = 8000,
                api_key: str | None = None, max_batch: int = 8, max_queue: int = 64,
                docs: str | os.PathLike | None = None, device: str = "auto",
-               log_level: str = "info") -> None:
+               log_level: str = "info", warm_up_s: float = 20.0) -> None:
     """Serve the model directory `model` on http://host:port until interrupted (Ctrl-C).
 
     Listens at once; the model (and the `docs` index) load in a background thread, and
     /health answers 200 once they have. `api_key` None: the environment's LMLAB_API_KEY,
     if set; without a key the API is open to whoever reaches the port. A model that fails
-    to load stops the server and its error is raised here."""
+    to load stops the server and its error is raised here. Before /health turns 200 the
+    engine runs up to `warm_up_s` seconds of dummy decode steps at each batch size
+    (`Engine.warm_up`), so the first users do not pay the fast paths' timing."""
     import uvicorn
 
     from lmlab.model_io import read_model_config
@@ -686,6 +688,11 @@ def run_server(model: str | os.PathLike, host: str = "127.0.0.1", port: int = 80
                 from lmlab.rag import DocIndex
 
                 app.state.retriever = DocIndex.build(docs)
+            if warm_up_s > 0:
+                t0 = time.perf_counter()
+                n = engine.warm_up(budget_s=warm_up_s)
+                logging.getLogger("uvicorn.error").info(
+                    "lmlab: warmed up batch sizes 1-%d in %.1f s", n, time.perf_counter() - t0)
             app.state.engine = engine.start()
             ready.set()
             logging.getLogger("uvicorn.error").info(  # uvicorn's own logger: shown at its level
