@@ -92,6 +92,17 @@ class TrainConfig:
     precision: Literal["auto", "bf16", "fp16", "fp32"] = "auto"
     compile: bool = False  # torch.compile the model
     nonfinite: Literal["stop", "skip"] = "stop"  # on a NaN/inf loss or gradient
+    # ddp: every process holds the whole model; fsdp: FSDP2 shards weights, gradients and
+    # optimizer state over the processes (per Transformer block), checkpoints sharded (DCP)
+    strategy: Literal["ddp", "fsdp"] = "ddp"
+    # fsdp: free each block's gathered weights after its forward and gather them again for
+    # backward (ZeRO-3); false keeps them until backward (more memory, one all-gather fewer)
+    reshard_after_forward: bool = True
+    fsdp_param_dtype: Literal["fp32", "bf16"] = "fp32"  # fsdp: weights gathered for compute in
+    fsdp_reduce_dtype: Literal["fp32", "bf16"] = "fp32"  # fsdp: gradients reduce-scattered in
+    # recompute each block's activations in backward instead of keeping them (less memory,
+    # about one more forward pass of compute)
+    activation_checkpointing: bool = False
 
     def __post_init__(self) -> None:
         check_fields(self, "train.", batch_size=">=1", grad_accum=">=1", max_steps=">=1",
@@ -99,6 +110,16 @@ class TrainConfig:
                      weight_decay=">=0", beta1="[0,1)", beta2="[0,1)", grad_clip=">=0",
                      eval_every=">=0", eval_tokens=">=0", log_every=">=1",
                      checkpoint_every=">=0", keep_checkpoints=">=1")
+        if self.strategy == "ddp":
+            for name, default in (("reshard_after_forward", True), ("fsdp_param_dtype", "fp32"),
+                                  ("fsdp_reduce_dtype", "fp32")):
+                if getattr(self, name) != default:
+                    raise ConfigError(f"train.{name}: applies to --train.strategy fsdp only; "
+                                      f"add --train.strategy fsdp or drop it")
+        elif self.precision == "fp16":
+            raise ConfigError("train.precision: fp16 needs a loss scaler that FSDP's sharded "
+                              "gradients do not have; use --train.precision bf16 with "
+                              "--train.strategy fsdp")
 
 
 @dataclass

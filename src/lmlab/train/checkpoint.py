@@ -5,6 +5,23 @@
         trainer_state.pt    optimizer, step, RNG states, run progress (torch.load weights_only=True)
         manifest.json       every other file's size and sha256, written last
 
+Under `train.strategy fsdp` a checkpoint is sharded instead
+(torch.distributed.checkpoint, DCP): no rank ever holds the whole model —
+
+    run_dir/checkpoints/step_000200/
+        __0_0.distcp  __1_0.distcp ...   each rank's shards of the weights and AdamW moments
+        .metadata                        which shard holds which slice of which tensor
+        config.json  tokenizer.json ...  the model's config (no model.safetensors)
+        trainer_state.pt                 step, RNG states, run progress ("sharded": True)
+        manifest.json                    every other file's size and sha256 (each rank hashes
+                                         its share of the files), written last
+
+Every rank writes its own shards into the one staging directory (the run
+directory must be on a filesystem all nodes share), rank 0 renames it when all
+are complete. DCP records each tensor's global shape, so any world size loads
+it: each rank reads the slices it now owns (`load_sharded`), one process reads
+everything. `export_checkpoint` turns one into a plain model directory.
+
 A checkpoint is written into a staging directory (`.step_000200.tmp-` and a random suffix, by
 `lmlab.fileio.write_dir_atomically`) and renamed when complete, so a crash
 (even SIGKILL) mid-write leaves the previous checkpoints intact and the
@@ -36,11 +53,16 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+from torch import nn
 
 from lmlab.errors import InputError
 from lmlab.fileio import TMP_MARK, write_dir_atomically
-from lmlab.model_io import (WEIGHTS_FILE, UnreadableFile, read_safetensors, read_torch_file,
-                            write_model_files)
+from lmlab.model_io import (CONFIG_FILE, WEIGHTS_FILE, UnreadableFile, build_from_dir,
+                            copy_tokenizer_files, has_tokenizer_files, load_state_dict_strict,
+                            model_config_json, read_adapter_record, read_safetensors,
+                            read_torch_file, save_model_dir, write_model_files)
+from lmlab.outputs import absolute, claim_output_dir
+from lmlab.train.distributed import Dist, broadcast_object, gather_objects
 
 log = logging.getLogger(__name__)
 STATE_FILE = "trainer_state.pt"
@@ -64,6 +86,7 @@ class LoadedCheckpoint:
     weights: dict[str, torch.Tensor]
     state: dict
     verified: str  # "manifest" or "loading" (a checkpoint written before manifests)
+    sharded: bool = False  # DCP shards: `weights` is empty, `load_sharded` reads them
 
 
 def checkpoint_dir(run_dir: str | os.PathLike) -> Path:
@@ -84,34 +107,159 @@ def save_checkpoint(run_dir, step: int, model, weights: dict, optimizer_state: d
     because they were damaged) are neither counted nor deleted: the run
     replaces each when it reaches its step again.
     """
-    root = checkpoint_dir(run_dir)
-    root.mkdir(parents=True, exist_ok=True)
-    final = root / f"step_{step:06d}"
-    full_state = {
-        "step": step,
-        "optimizer": optimizer_state,
-        "rng_cpu": torch.get_rng_state(),
-        "rng_cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
-        "manifest": True,  # a missing manifest.json then means damage, not an old checkpoint
-        **state,
-    }
+    final = _fresh(run_dir, step)
+    full_state = _trainer_state(step, state, optimizer=optimizer_state)
 
     def write_files(directory: Path) -> None:
         write_model_files(directory, model, tokenizer_dir, weights)
-        with open(directory / STATE_FILE, "wb") as f:
-            torch.save(full_state, f)
-            f.flush()
-            os.fsync(f.fileno())
+        _write_state(directory, full_state)
         write_manifest(directory, step)
 
-    if final.exists():  # re-saving the same step (e.g. final save right after a periodic one)
-        shutil.rmtree(final)
     write_dir_atomically(final, write_files, last=MANIFEST_FILE)
+    _keep_newest(run_dir, step, keep_last)
+    return final
+
+
+def _fresh(run_dir, step: int) -> Path:
+    """Where checkpoint `step` goes, an older one of that step removed (re-saving the same
+    step, e.g. the final save right after a periodic one)."""
+    root = checkpoint_dir(run_dir)
+    root.mkdir(parents=True, exist_ok=True)
+    final = root / f"step_{step:06d}"
+    if final.exists():
+        shutil.rmtree(final)
+    return final
+
+
+def _trainer_state(step: int, state: dict, **extra) -> dict:
+    return {"step": step, **extra, "rng_cpu": torch.get_rng_state(),
+            "rng_cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
+            "manifest": True,  # a missing manifest.json then means damage, not an old checkpoint
+            **state}
+
+
+def _write_state(directory: Path, full_state: dict) -> None:
+    with open(directory / STATE_FILE, "wb") as f:
+        torch.save(full_state, f)
+        f.flush()
+        os.fsync(f.fileno())
+
+
+def _keep_newest(run_dir, step: int, keep_last: int) -> None:
     if keep_last > 0:
         done = [p for p in list_checkpoints(run_dir) if checkpoint_step(p) <= step]
         for old in done[:-keep_last]:
             shutil.rmtree(old, ignore_errors=True)
+
+
+# ------------------------------------------------------------ sharded (DCP)
+
+
+def _dcp_state(model: nn.Module, optimizer: torch.optim.Optimizer | None,
+               trainable_only: bool) -> dict:
+    """What DCP saves and loads: the model's and the optimizer's state by parameter name,
+    each rank's own shards of a sharded model (the whole tensors of a plain one)."""
+    from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model_state_dict,
+                                                         get_state_dict)
+
+    options = StateDictOptions(ignore_frozen_params=trainable_only)
+    if optimizer is None:
+        return {"model": get_model_state_dict(model, options=options)}
+    weights, moments = get_state_dict(model, optimizer, options=options)
+    return {"model": weights, "optim": moments}
+
+
+def save_sharded_checkpoint(run_dir, step: int, model: nn.Module,
+                            optimizer: torch.optim.Optimizer, state: dict, d: Dist,
+                            tokenizer_dir=None, keep_last: int = 3,
+                            trainable_only: bool = False) -> Path | None:
+    """Write checkpoint `step` as DCP shards (every rank calls it and writes its own; none
+    gathers the model), atomically: all write into rank 0's staging directory, which rank 0
+    renames once the manifest is written. `trainable_only`: the frozen weights are left out
+    (a LoRA base, rebuilt from its directory). Returns the path on rank 0, else None."""
+    import torch.distributed.checkpoint as dcp
+
+    app = _dcp_state(model, optimizer, trainable_only)
+    full_state = _trainer_state(step, state, sharded=True)
+
+    def write_files(staging: str | None) -> None:
+        directory = Path(broadcast_object(staging, d))
+        dcp.save(app, checkpoint_id=directory)  # each rank its shards, rank 0 the .metadata
+        if d.is_main:
+            (directory / CONFIG_FILE).write_text(json.dumps(model_config_json(model), indent=2),
+                                                 encoding="utf-8")
+            if tokenizer_dir is not None:
+                copy_tokenizer_files(tokenizer_dir, directory)
+            _write_state(directory, full_state)
+        names = broadcast_object(sorted(_files(directory)) if d.is_main else None, d)
+        share = {n: _file_entry(directory / n) for n in names[d.rank::d.world]}
+        if d.is_main:
+            write_manifest(directory, step, {k: v for part in gather_objects(share, d)
+                                             for k, v in part.items()})
+        else:
+            gather_objects(share, d)
+
+    if not d.is_main:
+        write_files(None)
+        return None
+    final = _fresh(run_dir, step)
+    write_dir_atomically(final, lambda tmp: write_files(str(tmp)), last=MANIFEST_FILE)
+    _keep_newest(run_dir, step, keep_last)
     return final
+
+
+def load_sharded(ckpt: str | os.PathLike, model: nn.Module,
+                 optimizer: torch.optim.Optimizer | None = None,
+                 trainable_only: bool = False) -> None:
+    """Fill `model` (sharded or not, at any world size; every rank calls it) and `optimizer`
+    from the DCP checkpoint `ckpt`: each rank reads the slices it holds."""
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_state_dict
+
+    app = _dcp_state(model, optimizer, trainable_only)
+    try:
+        dcp.load(app, checkpoint_id=Path(ckpt))
+    except Exception as e:  # DCP wraps a missing key or a bad shard in its own errors
+        raise CheckpointError(ckpt, f"its shards do not load into this model ({_first(e)}); "
+                                    "resume with the config the run was started with") from None
+    set_state_dict(model, optimizer or [], model_state_dict=app["model"],
+                   optim_state_dict=app.get("optim", {}),
+                   options=StateDictOptions(ignore_frozen_params=trainable_only,
+                                            strict=not trainable_only))
+
+
+def export_checkpoint(ckpt: str | os.PathLike, out_dir: str | os.PathLike,
+                      overwrite: bool = False) -> Path:
+    """Write the sharded checkpoint `ckpt` as a plain model directory at `out_dir` (config.json,
+    model.safetensors, its tokenizer files): what every other command reads. One process
+    reads all the shards. An adapter run's checkpoint becomes an adapter run directory."""
+    ckpt = Path(ckpt)
+    loaded = read_checkpoint(ckpt)
+    if not loaded.sharded:
+        raise InputError(f"{ckpt}: not a sharded checkpoint; it is a model directory already "
+                         "(--model takes it as it is)")
+    claim = claim_output_dir(out_dir, "export checkpoint", {"checkpoint": absolute(ckpt)},
+                             reads=[ckpt], overwrite=overwrite)
+    model = build_from_dir(ckpt)
+    record = read_adapter_record(ckpt)
+    if record:
+        from lmlab.finetune.lora import restore_adapters
+
+        restore_adapters(model, record)
+    trained = {n for n, p in model.named_parameters() if p.requires_grad}
+    state = {k: v for k, v in model.state_dict().items() if not record or k in trained}
+    import torch.distributed.checkpoint as dcp
+
+    dcp.load({"model": state}, checkpoint_id=ckpt)
+    load_state_dict_strict(model, state, ckpt, partial=bool(record))
+    out = save_model_dir(model, out_dir, tokenizer_dir=ckpt if has_tokenizer_files(ckpt) else None)
+    claim.record()
+    return out
+
+
+def _first(e: BaseException) -> str:
+    lines = [line.strip() for line in str(e).splitlines() if line.strip()]
+    return f"{type(e).__name__}: {lines[0][:160]}" if lines else type(e).__name__
 
 
 BEST_DIR, BEST_FILE = "best", "best.json"
@@ -168,15 +316,26 @@ def _sha256(path: Path) -> str:
     return h.hexdigest()
 
 
-def write_manifest(directory: str | os.PathLike, step: int) -> Path:
-    """Record the size and sha256 of every file in checkpoint `directory` in manifest.json.
+def _files(directory: Path) -> list[str]:
+    return [p.name for p in directory.iterdir() if p.is_file() and p.name != MANIFEST_FILE]
+
+
+def _file_entry(path: Path) -> dict:
+    return {"size": path.stat().st_size, "sha256": _sha256(path)}
+
+
+def write_manifest(directory: str | os.PathLike, step: int,
+                   files: dict[str, dict] | None = None) -> Path:
+    """Record the size and sha256 of every file in checkpoint `directory` in manifest.json
+    (`files`: those entries, computed already, e.g. by the ranks that share the hashing).
 
     Written last, after the other files are complete, so that a manifest
     vouches for exactly what is there.
     """
     directory = Path(directory)
-    files = {p.name: {"size": p.stat().st_size, "sha256": _sha256(p)}
-             for p in sorted(directory.iterdir()) if p.is_file() and p.name != MANIFEST_FILE}
+    if files is None:
+        files = {name: _file_entry(directory / name) for name in _files(directory)}
+    files = dict(sorted(files.items()))
     out = directory / MANIFEST_FILE
     with open(out, "w", encoding="utf-8") as f:
         json.dump({"format": MANIFEST_FORMAT, "step": step, "files": files}, f, indent=1)
@@ -234,7 +393,7 @@ def load_trainer_state(ckpt: str | os.PathLike) -> dict:
     except UnreadableFile as e:
         raise CheckpointError(f, e.reason) from None
     if not (isinstance(state, dict) and isinstance(state.get("step"), int)
-            and isinstance(state.get("optimizer"), dict)
+            and (isinstance(state.get("optimizer"), dict) or state.get("sharded") is True)
             and isinstance(state.get("rng_cpu"), torch.Tensor)
             and state["rng_cpu"].dtype == torch.uint8):
         raise CheckpointError(f, "not a trainer state (expected step, optimizer and RNG state)")
@@ -262,7 +421,22 @@ def read_checkpoint(ckpt: str | os.PathLike) -> LoadedCheckpoint:
         raise CheckpointError(ckpt / STATE_FILE,
                               f"holds step {state['step']}, not the {checkpoint_step(ckpt)} "
                               "its directory is named for")
+    if state.get("sharded"):
+        _check_dcp_metadata(ckpt)
+        return LoadedCheckpoint(ckpt, {}, state, verified, sharded=True)
     return LoadedCheckpoint(ckpt, load_weights(ckpt), state, verified)
+
+
+def _check_dcp_metadata(ckpt: Path) -> None:
+    """A sharded checkpoint's index of its shards must read (the shards' bytes are the
+    manifest's to vouch for)."""
+    from torch.distributed.checkpoint import FileSystemReader
+
+    try:
+        FileSystemReader(ckpt).read_metadata()
+    except Exception as e:  # a missing or damaged index, whatever DCP raises for it
+        raise CheckpointError(ckpt / ".metadata", f"unreadable shard index ({_first(e)})") \
+            from None
 
 
 def load_newest_intact(run_dir: str | os.PathLike) -> LoadedCheckpoint | None:

@@ -40,7 +40,7 @@ from lmlab.fileio import atomic_write_text
 from lmlab.model_io import save_model_dir
 from lmlab.outputs import OutputClaim, claim_output_dir
 from lmlab.train.checkpoint import list_checkpoints, read_best
-from lmlab.train.distributed import init_distributed, shutdown_distributed
+from lmlab.train.distributed import init_distributed
 from lmlab.train.metrics import MetricsLog, plot_loss_curve
 from lmlab.train.trainer import FitResult, Task, Trainer
 
@@ -107,7 +107,8 @@ def run_task(model: nn.Module, task: Task, train: TrainConfig, out_dir: str | Pa
              trainable_only: bool = False, command: str = "train",
              inputs: dict | None = None, reads: tuple = (), overwrite: bool = False,
              claim: OutputClaim | None = None) -> RunResult:
-    """Train `model` on `task` under `train` into `out_dir`; run under torchrun for DDP.
+    """Train `model` on `task` under `train` into `out_dir`; run under torchrun for DDP or
+    FSDP (`train.strategy`). `model` comes back trained, a plain module, on every rank.
 
     `run_config` (a dataclass, default `train`) is written as config.yaml.
     `flops_per_token` feeds MFU (0: not reported). Returns when the run ends —
@@ -121,33 +122,31 @@ def run_task(model: nn.Module, task: Task, train: TrainConfig, out_dir: str | Pa
     """
     run_dir = Path(out_dir)
     _claim(run_dir, claim, command, inputs, reads, overwrite, resume)
-    d = init_distributed(train.device)
-    try:
-        if d.is_main:
-            _write_run_config(run_dir, run_config if run_config is not None else train)
-        trainer = Trainer(model, task, train, run_dir, d, tokenizer_dir=tokenizer_dir,
-                          callback=callback, flops_per_token=flops_per_token,
-                          trainable_only=trainable_only)
-        if resume and trainer.resume() is None:
-            log.warning("--resume: no checkpoint in %s yet; starting from step 0", run_dir)
-        result = trainer.fit()
-        weights = trainer.model_state()  # gathered on every rank, written by rank 0
-        png = None
-        if d.is_main and trainer.best is not None:  # the task keeps its best validation's
-            best = read_best(run_dir)
-            if best is not None and best[0].get("step") == trainer.best["step"]:
-                weights = best[1]
-                log.info("the model directory holds the weights of step %d (best %s %.4f)",
-                         trainer.best["step"], trainer.best["metric"], trainer.best["value"])
-        if d.is_main:
-            save_model_dir(trainer.raw_model, run_dir, tokenizer_dir=tokenizer_dir, state=weights)
-            png = plot_loss_curve(run_dir / "metrics.jsonl", run_dir / "loss.png")
-        params = sum(p.numel() for p in model.parameters())  # a tied tensor counts once
-        return RunResult(fit=result, run_dir=run_dir, params=params,
-                         model_config=model.config_dict(), loss_png=png, kind=model.kind,
-                         best=trainer.best)
-    finally:
-        shutdown_distributed()
+    d = init_distributed(train.device)  # the process group stays joined until exit
+    if d.is_main:
+        _write_run_config(run_dir, run_config if run_config is not None else train)
+    trainer = Trainer(model, task, train, run_dir, d, tokenizer_dir=tokenizer_dir,
+                      callback=callback, flops_per_token=flops_per_token,
+                      trainable_only=trainable_only)
+    if resume and trainer.resume() is None:
+        log.warning("--resume: no checkpoint in %s yet; starting from step 0", run_dir)
+    result = trainer.fit()
+    trainer.finish()  # `model` holds the trained weights (a sharded strategy gathers them)
+    weights = trainer.strategy.model_state(model, trainable_only)  # rank 0 writes them
+    png = None
+    if d.is_main and trainer.best is not None:  # the task keeps its best validation's
+        best = read_best(run_dir)
+        if best is not None and best[0].get("step") == trainer.best["step"]:
+            weights = best[1]
+            log.info("the model directory holds the weights of step %d (best %s %.4f)",
+                     trainer.best["step"], trainer.best["metric"], trainer.best["value"])
+    if d.is_main:
+        save_model_dir(model, run_dir, tokenizer_dir=tokenizer_dir, state=weights)
+        png = plot_loss_curve(run_dir / "metrics.jsonl", run_dir / "loss.png")
+    params = sum(p.numel() for p in model.parameters())  # a tied tensor counts once
+    return RunResult(fit=result, run_dir=run_dir, params=params,
+                     model_config=model.config_dict(), loss_png=png, kind=model.kind,
+                     best=trainer.best)
 
 
 def fit_task(model: nn.Module, task: Any, train: TrainConfig, out_dir: str | Path, *,

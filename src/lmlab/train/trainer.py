@@ -27,34 +27,42 @@ Trainer moves it to the device. Every rank all-reduces the same `eval_keys`,
 whether or not it got validation batches, so a tiny validation split cannot
 make the ranks disagree about what they reduce.
 
-Distribution goes through one strategy object (`lmlab.train.distributed`):
-it wraps the model (the optimizer is built after, on the wrapped model's
-parameters), and gathers and loads the state that checkpoints hold.
+Distribution goes through one strategy object (`lmlab.train.distributed`,
+`train.strategy`: ddp or fsdp): it wraps the model (the optimizer is built
+after, on the wrapped model's parameters), gathers and loads the state
+that checkpoints hold (one file, or DCP shards for a sharded strategy), and
+hands the model back after training (`finish`).
+
+Because a batch is a pure function of its step, on a GPU the next one is built
+in a background thread, in pinned memory, while the current one computes
+(`lmlab.train.distributed.transfer_plan`), and copied without blocking.
 """
 
 from __future__ import annotations
 
+import itertools
 import json
 import logging
 import math
 import signal
 import threading
 import time
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Protocol
 
 import torch
 from torch import nn
-from torch.utils._pytree import tree_map
 
 from lmlab.config import TrainConfig
 from lmlab.errors import InputError, LmlabError
 from lmlab.model import fastpath
 from lmlab.model.loss import compiled_kernels
 from lmlab.train import checkpoint as ckpt
-from lmlab.train.distributed import (Dist, all_reduce_sum, autocast, autocast_dtype,
-                                     broadcast_floats, keep_freed_memory, make_strategy)
+from lmlab.train.distributed import (Dist, all_reduce_max, all_reduce_sum, autocast,
+                                     autocast_dtype, broadcast_floats, keep_freed_memory,
+                                     make_strategy, pin_batch, to_device, transfer_plan)
 from lmlab.train.metrics import MetricsLog, measured_peak_flops
 from lmlab.train.optim import build_adamw, cosine_with_warmup
 
@@ -102,7 +110,7 @@ class Trainer:
                  dist: Dist, tokenizer_dir: str | None = None,
                  callback: Callable[[str, dict], None] | None = None, flops_per_token: float = 0.0,
                  trainable_only: bool = False):
-        self.raw_model = model.to(dist.device)
+        self.given = model  # what `finish` hands back, trained
         self.trainable_only = trainable_only
         if dist.device.type == "cpu":
             keep_freed_memory()
@@ -125,14 +133,17 @@ class Trainer:
         self.saved_step = -1
         self._stop_signal: str | None = None
         self.metrics = MetricsLog(self.run_dir, enabled=dist.is_main)
-        # what runs the steps: the strategy (DDP) and compilation wrap the plain module, and
-        # the optimizer is built after wrapping (a sharding strategy replaces the parameters)
-        self.strategy = make_strategy(dist)
-        self.model = self.strategy.wrap(self.raw_model)
+        # what runs the steps: the strategy (DDP, FSDP) and compilation wrap the plain module,
+        # and the optimizer is built after wrapping (a sharding strategy replaces the parameters)
+        self.strategy = make_strategy(dist, cfg)
+        self.raw_model, self.model = self.strategy.wrap(model)
         self.optimizer = build_adamw(self.raw_model, cfg.lr, cfg.weight_decay,
                                      (cfg.beta1, cfg.beta2))
         if cfg.compile:
             self.model = torch.compile(self.model)
+        self.pin, prefetch = transfer_plan(dist.device)
+        self._feed = ThreadPoolExecutor(1, "lmlab-batches") if prefetch else None
+        self._ahead: tuple[tuple[int, int], Future] | None = None
 
     # ------------------------------------------------------------ state
 
@@ -149,15 +160,13 @@ class Trainer:
             self.metrics.truncate_after(0)
             return None
         path, state = loaded.path, loaded.state
-        self.strategy.load_model_state(self.raw_model, loaded.weights, path,
-                                       partial=self.trainable_only)
-        try:
-            self.strategy.load_optimizer_state(self.raw_model, self.optimizer, state["optimizer"])
-        except (ValueError, KeyError, TypeError) as e:
-            raise InputError(
-                f"{path / ckpt.STATE_FILE}: optimizer state does not fit this model ({e}); resume "
-                "with the config the run was started with, or start over with a new --out_dir"
-            ) from None
+        if loaded.sharded:  # DCP: whatever the world size it was written at
+            ckpt.load_sharded(path, self.raw_model, self.optimizer, self.trainable_only)
+        elif self.strategy.sharded and self.dist.enabled:
+            raise InputError(f"{path}: written by --train.strategy ddp (one file of weights); "
+                             "resume it with --train.strategy ddp")
+        else:
+            self._load_one_file(loaded)
         ckpt.restore_rng(state)
         # compute with the fast paths the saved run chose, not a new measurement's
         fastpath.adopt_decisions(json.loads(state.get("fastpath", "[]")))
@@ -171,22 +180,50 @@ class Trainer:
         log.info("resumed from %s at step %d", path, self.step)
         return path
 
+    def _load_one_file(self, loaded: ckpt.LoadedCheckpoint) -> None:
+        path = loaded.path
+        self.strategy.load_model_state(self.raw_model, loaded.weights, path,
+                                       partial=self.trainable_only)
+        try:
+            self.strategy.load_optimizer_state(self.raw_model, self.optimizer,
+                                               loaded.state["optimizer"])
+        except (ValueError, KeyError, TypeError) as e:
+            raise InputError(
+                f"{path / ckpt.STATE_FILE}: optimizer state does not fit this model ({e}); resume "
+                "with the config the run was started with, or start over with a new --out_dir"
+            ) from None
+
+    def finish(self) -> nn.Module:
+        """After `fit`: the model given to the Trainer, plain again and holding the trained
+        weights (every rank calls it: a sharded strategy gathers them)."""
+        if self._feed is not None:
+            self._feed.shutdown()
+        self.strategy.unwrap(self.given)
+        return self.given
+
     def model_state(self) -> dict[str, torch.Tensor]:
         """What the model directory of this run holds (all ranks call it; rank 0 writes)."""
         return self.strategy.model_state(self.raw_model, self.trainable_only)
 
     def save(self) -> Path | None:
         path = None
-        weights = self.model_state()
-        optimizer = self.strategy.optimizer_state(self.raw_model, self.optimizer)
-        if self.dist.is_main:
-            path = ckpt.save_checkpoint(
-                self.run_dir, self.step, self.raw_model, weights, optimizer,
-                {"train_seconds": self.train_seconds, "skipped": self.skipped,
+        state = {"train_seconds": self.train_seconds, "skipped": self.skipped,
                  "best": json.dumps(self.best),
                  "fastpath": json.dumps(fastpath.export_decisions()),
-                 "scaler": self.scaler.state_dict() if self.scaler else {}},
-                tokenizer_dir=self.tokenizer_dir, keep_last=self.cfg.keep_checkpoints)
+                 "scaler": self.scaler.state_dict() if self.scaler else {}}
+        if self.strategy.sharded:  # every rank writes its shards
+            path = ckpt.save_sharded_checkpoint(
+                self.run_dir, self.step, self.raw_model, self.optimizer, state, self.dist,
+                tokenizer_dir=self.tokenizer_dir, keep_last=self.cfg.keep_checkpoints,
+                trainable_only=self.trainable_only)
+        else:
+            weights = self.model_state()
+            optimizer = self.strategy.optimizer_state(self.raw_model, self.optimizer)
+            if self.dist.is_main:
+                path = ckpt.save_checkpoint(
+                    self.run_dir, self.step, self.raw_model, weights, optimizer, state,
+                    tokenizer_dir=self.tokenizer_dir, keep_last=self.cfg.keep_checkpoints)
+        if path is not None:
             self.callback("checkpoint", {"step": self.step, "path": str(path)})
         if self.dist.enabled:
             torch.distributed.barrier()
@@ -200,14 +237,24 @@ class Trainer:
         model.eval()
         keys = tuple(self.task.eval_keys)
         sums = dict.fromkeys(keys, 0.0)
+        batches, extra = self.task.val_batches(self.dist.rank, self.dist.world), []
+        if self.strategy.lockstep:  # a sharded model gathers weights in every forward pass:
+            # a rank with fewer batches repeats one (its results dropped) until all are done
+            batches = list(batches)
+            (most,) = all_reduce_max([len(batches)], self.dist)
+            spare = batches[:1] or list(itertools.islice(
+                self.task.val_batches(0, self.dist.world), 1))
+            extra = spare * (int(most) - len(batches))
         with autocast(self.dist.device, self.amp_dtype):
-            for batch in self.task.val_batches(self.dist.rank, self.dist.world):
+            for batch in batches:
                 got = self.task.eval_sums(model, self.to_device(batch))
                 if set(got) != set(keys):
                     raise ValueError(f"{type(self.task).__name__}.eval_sums returned {sorted(got)}; "
                                      f"its eval_keys are {sorted(keys)}")
                 for k, v in got.items():
                     sums[k] += float(v)
+            for batch in extra:
+                self.task.eval_sums(model, self.to_device(batch))
         model.train()
         # every rank joins the same all-reduce, even one that got no batches
         totals = all_reduce_sum([sums[k] for k in keys], self.dist)
@@ -224,12 +271,25 @@ class Trainer:
 
     def to_device(self, batch):
         """The batch (tensors, possibly in tuples / lists / dicts) on this process's device."""
-        dev = self.dist.device
-        if dev.type == "cpu":
-            return batch
-        nb = dev.type == "cuda"
-        return tree_map(lambda t: t.to(dev, non_blocking=nb) if isinstance(t, torch.Tensor) else t,
-                        batch)
+        return to_device(pin_batch(batch) if self.pin else batch, self.dist.device, self.pin)
+
+    def _build(self, step: int, micro: int):
+        d, accum = self.dist, self.cfg.grad_accum
+        batch = self.task.train_batch(step, micro, accum, d.rank, d.world)
+        return pin_batch(batch) if self.pin else batch
+
+    def train_batch(self, micro: int):
+        """Micro-batch `micro` of this step on the device. With a feed thread, the next one
+        (the next micro-batch, or the next step's first) is built while this one computes."""
+        at = (self.step, micro)
+        if self._feed is None:
+            batch = self._build(*at)
+        else:
+            ahead, self._ahead = self._ahead, None
+            batch = ahead[1].result() if ahead and ahead[0] == at else self._build(*at)
+            nxt = (self.step, micro + 1) if micro + 1 < self.cfg.grad_accum else (self.step + 1, 0)
+            self._ahead = (nxt, self._feed.submit(self._build, *nxt))
+        return to_device(batch, self.dist.device, self.pin)
 
     def train_step(self, lr: float) -> tuple[float, float]:
         """One optimizer step at learning rate `lr`: (mean loss, gradient norm before clipping)."""
@@ -238,8 +298,7 @@ class Trainer:
             group["lr"] = lr
         loss_sum = torch.zeros((), device=d.device)
         for micro in range(cfg.grad_accum):
-            batch = self.to_device(
-                self.task.train_batch(self.step, micro, cfg.grad_accum, d.rank, d.world))
+            batch = self.train_batch(micro)
             # with train.compile, the loss's chunk kernel (outside the model's graph) is compiled too
             with (self.strategy.no_sync(model, micro < cfg.grad_accum - 1), autocast(d.device, self.amp_dtype),
                   compiled_kernels(cfg.compile)):
@@ -250,6 +309,8 @@ class Trainer:
             self.scaler.unscale_(self.optimizer)
         grad_norm = torch.nn.utils.clip_grad_norm_(
             self.raw_model.parameters(), cfg.grad_clip if cfg.grad_clip > 0 else float("inf"))
+        if hasattr(grad_norm, "full_tensor"):  # sharded gradients: a DTensor, summed over ranks
+            grad_norm = grad_norm.full_tensor()
         gn, loss_value = float(grad_norm), float(loss_sum)  # one device sync per step
         # with fp16, overflowing gradients under a finite loss are the scaler's business: its
         # step() skips the update and update() lowers the scale
@@ -269,6 +330,8 @@ class Trainer:
         else:
             self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
+        if self._ahead is not None:  # built by now (it ran beside this step's GPU work):
+            self._ahead[1].result()  # nothing outside the step runs beside the task
         self.step += 1
         return loss_value, gn
 
