@@ -151,7 +151,27 @@ def jobs_for(i, out: Path) -> dict[str, dict]:
         "classify": {"argv": classify_args(base, i["labelled"], out / "classify", 4,
                                            "--train.strategy", "fsdp")},
         "regression": {"regression": str(out / "regression")},
+        # save at step 3 with 2 processes; resume from it with 2 here, with 1 in the test
+        "fsdp-save": {"argv": pretrain_args(sh, out / "fsdp-save", 2, "--train.strategy", "fsdp",
+                                            "--train.checkpoint_every", 3)},
+        "from-step-3": {"copy_from_step": [str(out / "fsdp-save"), 3,
+                                           str(out / "resume-2"), str(out / "resume-1")]},
+        "resume-2": {"argv": pretrain_args(sh, out / "resume-2", 2, "--train.strategy", "fsdp",
+                                           "--train.checkpoint_every", 3, "--resume", "true")},
     }
+
+
+def copy_from_step(src: str, step: int, *dsts: str) -> None:
+    """Copies of run `src` that hold only its checkpoints up to `step` (resume starts there)."""
+    import shutil
+
+    from lmlab.train import checkpoint as ckpt
+
+    for dst in dsts:
+        shutil.copytree(src, dst)
+        for c in ckpt.list_checkpoints(dst):
+            if ckpt.checkpoint_step(c) > step:
+                shutil.rmtree(c)
 
 
 @pytest.fixture(scope="module")
@@ -181,7 +201,12 @@ def _worker(spec: str) -> None:
         if only and name not in only.split(","):
             continue
         print(f"rank {os.environ.get('RANK')}: job {name}", file=sys.stderr, flush=True)
-        if "regression" in job:  # only rank 0 has validation batches
+        if "copy_from_step" in job:  # rank 0 copies, the other waits for it
+            if os.environ.get("RANK") == "0":
+                copy_from_step(*job["copy_from_step"])
+            torch.distributed.barrier()
+            results[name] = {"rc": 0}
+        elif "regression" in job:  # only rank 0 has validation batches
             run_task(new_model(), RegressionTask(val_on_rank0_only=True),
                      train_cfg(strategy="fsdp", max_steps=6, eval_every=3), job["regression"])
             results[name] = {"rc": 0}
@@ -273,6 +298,108 @@ def test_fsdp_refuses_to_resume_a_ddp_checkpoint_in_one_line(two):
     assert r["rc"] == 2, r
     text = r["out"] + r["err"]
     assert "written by --train.strategy ddp" in text and "Traceback" not in text
+
+
+@pytest.mark.slow
+def test_a_sharded_checkpoint_resumes_at_another_world_size_with_the_same_next_losses(
+        two, inputs):
+    """Saved at step 3 by 2 processes (each rank its shards, nobody gathering the model);
+    resumed by 2 processes and by 1 (batch 4: the same global batch), steps 4..6 give the
+    losses of the run that went straight through."""
+    out, results = two
+    for name in ("fsdp-save", "from-step-3", "resume-2"):
+        assert results[name]["rc"] == 0, (name, results[name])
+    step3 = out / "resume-1" / "checkpoints" / "step_000003"
+    assert sorted(p.name for p in step3.glob("*.distcp")) == ["__0_0.distcp", "__1_0.distcp"]
+    assert not (step3 / "model.safetensors").exists()
+    one_process(pretrain_args(inputs["shards"], out / "resume-1", 4, "--train.strategy", "fsdp",
+                              "--train.checkpoint_every", 3, "--resume", "true"), "resume-1")
+    straight = train_losses(out / "fsdp-save")
+    assert straight == pytest.approx(train_losses(out / "fsdp"), rel=1e-6)
+    assert len(straight) == 6
+    for name in ("resume-2", "resume-1"):
+        got = train_losses(out / name)
+        assert got[:3] == straight[:3]  # the rows before the checkpoint, kept
+        assert got[3:] == pytest.approx(straight[3:], rel=1e-5, abs=1e-5), name
+        assert_same_weights(out / "fsdp-save", out / name)
+
+
+def test_export_writes_the_plain_model_directory_of_a_sharded_checkpoint(two, tmp_path):
+    """`lmlab export` of the 2-process run's final checkpoint: the weights of its model
+    directory, a directory every --model takes (here generate and eval); a LoRA run's
+    checkpoint becomes an adapter run directory."""
+    out, results = two
+    ckpt = out / "fsdp" / "checkpoints" / "step_000006"
+    rc, text, err = run_cli(["export", ckpt, tmp_path / "exported"])
+    assert rc == 0, text + err
+    assert {"config.json", "model.safetensors", "tokenizer.json"} <= \
+        {p.name for p in (tmp_path / "exported").iterdir()}
+    assert_same_weights(out / "fsdp", tmp_path / "exported", atol=0)
+    rc, text, err = run_cli(["generate", "--model", tmp_path / "exported", "--prompt", "天空",
+                             "--max-new-tokens", 4, "--temperature", 0])
+    assert rc == 0, text + err
+    assert results["sft"]["rc"] == 0
+    sft_ckpt = ckpt_of(out / "sft")
+    rc, text, err = run_cli(["export", sft_ckpt, tmp_path / "sft-exported"])
+    assert rc == 0, text + err
+    assert_same_weights(out / "sft", tmp_path / "sft-exported", atol=0)
+    load_model_dir(tmp_path / "sft-exported")
+
+
+def ckpt_of(run_dir):
+    from lmlab.train import checkpoint as ckpt
+
+    return ckpt.list_checkpoints(run_dir)[-1]
+
+
+def test_export_of_what_is_not_a_sharded_checkpoint_is_one_line(two, tmp_path):
+    out, _ = two
+    for bad, needle in [(out / "ddp" / "checkpoints" / "step_000006", "not a sharded checkpoint"),
+                        (tmp_path / "nowhere", "not a training checkpoint")]:
+        rc, text, err = run_cli(["export", bad, tmp_path / "x"])
+        line = (text + err).strip()
+        assert rc == 2 and needle in line and len(line.splitlines()) == 1, line
+
+
+KILL_SCRIPT = """
+import os, signal, sys
+import torch.distributed.checkpoint as dcp
+from tests.conftest import run_cli
+from tests.test_fsdp import pretrain_args
+
+real_save = dcp.save
+def save_then_die(state, checkpoint_id=None, **kw):
+    real_save(state, checkpoint_id=checkpoint_id, **kw)  # the shards are on disk, then:
+    if ".step_000004" in str(checkpoint_id):  # the second checkpoint, before its manifest
+        os.kill(os.getpid(), signal.SIGKILL)  # and rename
+dcp.save = save_then_die
+sys.exit(run_cli(pretrain_args(sys.argv[1], sys.argv[2], 4, *sys.argv[3:]))[0])
+"""
+
+
+@pytest.mark.slow
+def test_sigkill_while_writing_a_sharded_checkpoint_resumes_from_the_previous_one(
+        small_shards, tmp_path):
+    run, extra = tmp_path / "run", ["--train.strategy", "fsdp", "--train.checkpoint_every", 2,
+                                    "--train.keep_checkpoints", 5,
+                                    "--train.eval_every", 0]
+    env = {**os.environ, "PYTHONPATH": os.getcwd()}
+    p = subprocess.run([sys.executable, "-c", KILL_SCRIPT, str(small_shards), str(run),
+                        *map(str, extra)],
+                       env=env, capture_output=True, text=True, timeout=300)
+    assert p.returncode == -signal.SIGKILL, p.stderr[-3000:]
+    from lmlab.train import checkpoint as ckpt
+
+    half = list((run / "checkpoints").glob(".step_000004.tmp-*"))
+    assert len(half) == 1 and list(half[0].glob("*.distcp"))  # shards written, not renamed
+    assert [c.name for c in ckpt.list_checkpoints(run)] == ["step_000002"]
+    one_process(pretrain_args(small_shards, run, 4, *extra, "--resume", "true"), "resume")
+    assert not half[0].exists()
+    assert [c.name for c in ckpt.list_checkpoints(run)] == ["step_000002", "step_000004",
+                                                            "step_000006"]
+    straight = tmp_path / "straight"
+    one_process(pretrain_args(small_shards, straight, 4, *extra), "straight")
+    assert train_losses(run) == pytest.approx(train_losses(straight), rel=1e-6)
 
 
 # ------------------------------------------------------------------ one process

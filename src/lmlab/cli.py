@@ -790,6 +790,16 @@ def cmd_export_hf(a) -> int:
     return 0
 
 
+@command("export")
+def cmd_export(a) -> int:
+    from lmlab.train.checkpoint import export_checkpoint
+
+    path = export_checkpoint(a.checkpoint, a.out, overwrite=a.overwrite)
+    out.print(f"wrote the model directory {path} (config.json, model.safetensors); every "
+              f"--model takes it", soft_wrap=True)
+    return 0
+
+
 @command("import-hf")
 def cmd_import_hf(a) -> int:
     from lmlab.interop.hf import import_hf
@@ -963,6 +973,18 @@ def build_parser() -> ArgumentParser:
     e.add_argument("out", type=str)
     _add_overwrite_arg(e)
     sub.add_subcommand("export-hf", e, help="write a Hugging Face transformers directory")
+
+    ex_ = ArgumentParser(description="Write a sharded checkpoint (--train.strategy fsdp: "
+                                     "torch.distributed.checkpoint shards) as a plain model "
+                                     "directory (config.json, model.safetensors, the tokenizer "
+                                     "files) that every --model takes; one process reads all "
+                                     "the shards, whatever the world size that wrote them.\n\n"
+                                     "example: lmlab export runs/big/checkpoints/step_002000 "
+                                     "runs/big-2000")
+    ex_.add_argument("checkpoint", type=str, help="a checkpoint directory (RUN/checkpoints/step_N)")
+    ex_.add_argument("out", type=str)
+    _add_overwrite_arg(ex_)
+    sub.add_subcommand("export", ex_, help="a sharded checkpoint as a plain model directory")
 
     ev = ArgumentParser(description="One report card for a model: held-out loss, perplexity and "
                                     "bits per byte beside xz/bzip2/zlib; multiple-choice, "

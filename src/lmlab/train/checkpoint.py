@@ -184,7 +184,8 @@ def save_sharded_checkpoint(run_dir, step: int, model: nn.Module,
 
     def write_files(staging: str | None) -> None:
         directory = Path(broadcast_object(staging, d))
-        dcp.save(app, checkpoint_id=directory)  # each rank its shards, rank 0 the .metadata
+        dcp.save(app, checkpoint_id=directory, no_dist=not d.enabled)  # each rank its
+        # shards, rank 0 the .metadata
         if d.is_main:
             (directory / CONFIG_FILE).write_text(json.dumps(model_config_json(model), indent=2),
                                                  encoding="utf-8")
@@ -218,7 +219,7 @@ def load_sharded(ckpt: str | os.PathLike, model: nn.Module,
 
     app = _dcp_state(model, optimizer, trainable_only)
     try:
-        dcp.load(app, checkpoint_id=Path(ckpt))
+        dcp.load(app, checkpoint_id=Path(ckpt), no_dist=not _joined())
     except Exception as e:  # DCP wraps a missing key or a bad shard in its own errors
         raise CheckpointError(ckpt, f"its shards do not load into this model ({_first(e)}); "
                                     "resume with the config the run was started with") from None
@@ -234,6 +235,9 @@ def export_checkpoint(ckpt: str | os.PathLike, out_dir: str | os.PathLike,
     model.safetensors, its tokenizer files): what every other command reads. One process
     reads all the shards. An adapter run's checkpoint becomes an adapter run directory."""
     ckpt = Path(ckpt)
+    if not (ckpt / STATE_FILE).is_file():
+        raise InputError(f"{ckpt}: not a training checkpoint (no {STATE_FILE}); give one of "
+                         "RUN/checkpoints/step_N")
     loaded = read_checkpoint(ckpt)
     if not loaded.sharded:
         raise InputError(f"{ckpt}: not a sharded checkpoint; it is a model directory already "
@@ -250,11 +254,18 @@ def export_checkpoint(ckpt: str | os.PathLike, out_dir: str | os.PathLike,
     state = {k: v for k, v in model.state_dict().items() if not record or k in trained}
     import torch.distributed.checkpoint as dcp
 
-    dcp.load({"model": state}, checkpoint_id=ckpt)
+    dcp.load({"model": state}, checkpoint_id=ckpt, no_dist=True)
     load_state_dict_strict(model, state, ckpt, partial=bool(record))
     out = save_model_dir(model, out_dir, tokenizer_dir=ckpt if has_tokenizer_files(ckpt) else None)
     claim.record()
     return out
+
+
+def _joined() -> bool:
+    """Whether this process is one of a process group's (else DCP reads in one process)."""
+    import torch.distributed as dist
+
+    return dist.is_available() and dist.is_initialized()
 
 
 def _first(e: BaseException) -> str:
