@@ -361,6 +361,11 @@ def test_export_of_what_is_not_a_sharded_checkpoint_is_one_line(two, tmp_path):
         assert rc == 2 and needle in line and len(line.splitlines()) == 1, line
 
 
+def test_export_has_help_with_an_example():
+    rc, text, err = run_cli(["export", "--help"])
+    assert rc == 0 and "example: lmlab export" in text.replace("\n", " ")
+
+
 KILL_SCRIPT = """
 import os, signal, sys
 import torch.distributed.checkpoint as dcp
