@@ -116,11 +116,12 @@ def _blocked_matvec(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None,
     """x Wᵀ + b as a batched multiply over k blocks of W's rows (see `Linear`)."""
     out_f, in_f = w.shape
     rows = x.numel() // in_f
-    y = torch.bmm(w.view(k, out_f // k, in_f), x.reshape(rows, in_f).t().expand(k, in_f, rows))
-    y = y.view(out_f, rows).t()
-    if b is not None:
-        y = y + b
-    return y.reshape(*x.shape[:-1], out_f)
+    xt = x.reshape(rows, in_f).t().expand(k, in_f, rows)
+    if b is None:
+        y = torch.bmm(w.view(k, out_f // k, in_f), xt)
+    else:  # the bias added inside the same call: one op fewer per layer and step
+        y = torch.baddbmm(b.view(k, out_f // k, 1), w.view(k, out_f // k, in_f), xt)
+    return y.view(out_f, rows).t().reshape(*x.shape[:-1], out_f)
 
 
 _MATVEC_PATHS = {fastpath.PLAIN: lambda x, w, b, k: F.linear(x, w, b), "blocked": _blocked_matvec}
