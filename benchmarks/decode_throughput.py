@@ -116,7 +116,11 @@ def main(argv=None) -> None:
     p.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
     p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--device", default="cpu", choices=["cpu", "cuda"],
+                   help="cuda: both models on the GPU (e.g. --preset gpt2-124m --dtype bfloat16)")
     args = p.parse_args(argv)
+    if args.device == "cuda" and not torch.cuda.is_available():
+        raise SystemExit("--device cuda: torch sees no CUDA device")
 
     import transformers
 
@@ -125,16 +129,20 @@ def main(argv=None) -> None:
         torch.set_num_threads(args.threads)
     dtype = getattr(torch, args.dtype)
     model, hfs = build_models(args.preset, args.vocab_size, dtype, args.seed)
+    model = model.to(args.device)
+    hfs = {a: m.to(args.device) for a, m in hfs.items()}
+    where = (torch.cuda.get_device_name() if args.device == "cuda"
+             else f"{torch.get_num_threads()} threads, {cpu_name()}")
     print(f"preset {args.preset} ({model.num_params() / 1e6:.1f}M params, {args.dtype}), "
           f"prompt {args.prompt_len} + {args.new_tokens} new tokens, greedy, "
           f"median of {args.repeats}; torch {torch.__version__}, transformers "
-          f"{transformers.__version__}, {torch.get_num_threads()} threads, "
-          f"{cpu_name()}")
+          f"{transformers.__version__}, {where}")
 
     rows = []
     for batch in [int(b) for b in args.batch_sizes.split(",")]:
         g = torch.Generator().manual_seed(args.seed + batch)
-        prompts = torch.randint(0, args.vocab_size, (batch, args.prompt_len), generator=g)
+        prompts = torch.randint(0, args.vocab_size, (batch, args.prompt_len),
+                                generator=g).to(args.device)
         times: dict[str, list[float]] = {"lmlab": [], "sdpa": [], "eager": []}
         outs = {}
         for r in range(args.warmup + args.repeats):
@@ -153,7 +161,7 @@ def main(argv=None) -> None:
     for batch, ours, sdpa, eager, same in rows:
         print(f"{batch:>5}  {ours:>11.1f}  {sdpa:>9.1f}  {eager:>9.1f}  "
               f"{ours / max(sdpa, eager):>14.2f}x  {same}")
-    print(f"\nfast paths lmlab picked on this machine ({cpu_name()}; lmlab.model.fastpath):")
+    print(f"\nfast paths lmlab picked on this machine ({where}; lmlab.model.fastpath):")
     print(fastpath.report())
 
 

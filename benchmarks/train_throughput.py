@@ -13,6 +13,13 @@ alike; each figure is the median over rounds.
 
     python benchmarks/train_throughput.py [--rounds 3] [--steps 5] [--no-compile]
                                           [--precisions fp32,bf16]
+    python benchmarks/train_throughput.py --device cuda    # GPT-2-124M, context 1024, bf16
+
+On a GPU (`--device cuda`) the default model is GPT-2-124M (12 layers, 768 wide,
+context 1024, vocab 50257) at batch 8, bf16 autocast, with and without compile; MFU is
+reported against the GPU's dense bf16 peak from its spec sheet (`GPU_BF16_PEAK`, by
+name; the measured matmul peak is printed beside it), and every timed stretch ends
+with a device synchronisation.
 
 After the table it prints the CPU and the fast paths lmlab picked on it
 (`lmlab.model.fastpath`: blocked or SDPA attention, chunked or plain loss,
@@ -51,12 +58,27 @@ from lmlab.train.trainer import Trainer
 
 CFG = dict(n_layer=6, n_head=6, d_model=384, max_seq_len=256, vocab_size=8192)
 BATCH, SEQ = 8, 256
+DEVICE = "cpu"
+# dense bf16 tensor-core peaks from the vendors' spec sheets (FLOP/s, no sparsity), by a
+# substring of torch.cuda.get_device_name(); the first match wins
+GPU_BF16_PEAK = [("H200", 989e12), ("H100 PCIe", 756e12), ("H100", 989e12),
+                 ("A100", 312e12), ("L40S", 362e12), ("L4", 121e12), ("A10G", 70e12),
+                 ("RTX 4090", 165e12), ("RTX 3090", 71e12)]
+
+
+def spec_peak(name: str) -> float | None:
+    return next((peak for key, peak in GPU_BF16_PEAK if key in name), None)
+
+
+def sync() -> None:
+    if DEVICE == "cuda":
+        torch.cuda.synchronize()
 
 
 def random_shards(root: Path) -> Path:
     rng = np.random.default_rng(0)
     with TokenShardWriter(root, CFG["vocab_size"], eos_id=0) as w:
-        for _ in range(64):
+        for _ in range(max(64, 4 * BATCH * SEQ // 4096)):
             w.add(rng.integers(1, CFG["vocab_size"], 4096), "train")
     return root
 
@@ -67,7 +89,8 @@ class LmlabVariant:
         model = Transformer(ModelConfig(**CFG))
         task = LanguageModelingTask(TokenShards(shards, "train"), None, SEQ, BATCH,
                                     [1] * CFG["vocab_size"], seed=0, eval_tokens=None)
-        cfg = TrainConfig(batch_size=BATCH, precision=precision, compile=compile, lr=1e-4)
+        cfg = TrainConfig(batch_size=BATCH, precision=precision, compile=compile, lr=1e-4,
+                          device=DEVICE)
         self.trainer = Trainer(model, task, cfg, run_dir, Dist(), flops_per_token=0.0)
         self.trainer.metrics.enabled = False
 
@@ -85,7 +108,7 @@ class HFVariant:
                          attn_pdrop=0.0, resid_pdrop=0.0, embd_pdrop=0.0,
                          bos_token_id=0, eos_token_id=0)
         cfg._attn_implementation = attn  # "sdpa" or "eager"; the faster one is reported
-        self.model = GPT2LMHeadModel(cfg).train()
+        self.model = GPT2LMHeadModel(cfg).to(DEVICE).train()
         try:
             self.opt = torch.optim.AdamW(self.model.parameters(), lr=1e-4, fused=True)
         except (RuntimeError, TypeError):
@@ -93,14 +116,14 @@ class HFVariant:
         self.fwd = torch.compile(self.model) if compile else self.model
         self.dtype = torch.bfloat16 if precision == "bf16" else None
         g = torch.Generator().manual_seed(0)
-        self.batches = [torch.randint(1, CFG["vocab_size"], (BATCH, SEQ), generator=g)
+        self.batches = [torch.randint(1, CFG["vocab_size"], (BATCH, SEQ), generator=g).to(DEVICE)
                         for _ in range(8)]
         self.i = 0
 
     def step(self):
         x = self.batches[self.i % len(self.batches)]
         self.i += 1
-        with torch.autocast("cpu", dtype=self.dtype, enabled=self.dtype is not None):
+        with torch.autocast(DEVICE, dtype=self.dtype, enabled=self.dtype is not None):
             loss = self.fwd(input_ids=x, labels=x).loss
         loss.backward()
         torch.nn.utils.clip_grad_norm_(self.model.parameters(), 1.0)
@@ -114,19 +137,54 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=5, help="timed steps per variant per round")
     ap.add_argument("--no-compile", action="store_true")
     ap.add_argument("--threads", type=int, default=None)
-    ap.add_argument("--precisions", default="fp32,bf16",
-                    help="comma-separated (default: fp32,bf16; bf16 is slow where it is emulated)")
+    ap.add_argument("--precisions", default=None,
+                    help="comma-separated (default: fp32,bf16 on a CPU, where bf16 is slow if "
+                         "emulated; bf16 on a GPU)")
+    ap.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
+    ap.add_argument("--preset", default=None,
+                    help="an lmlab preset instead of the 6x384 model (default on cuda: gpt2-124m)")
+    ap.add_argument("--batch", type=int, default=None, help="sequences per step (default 8)")
+    ap.add_argument("--seq", type=int, default=None,
+                    help="context (default: 256, or the preset's max_seq_len)")
     args = ap.parse_args()
-    precisions = args.precisions.split(",")
+    global DEVICE, BATCH, SEQ
+    DEVICE = args.device
+    if DEVICE == "cuda":
+        if not torch.cuda.is_available():
+            raise SystemExit("--device cuda: torch sees no CUDA device")
+        torch.backends.cuda.matmul.allow_tf32 = True
+        torch.backends.cudnn.allow_tf32 = True
+    preset_name = args.preset or ("gpt2-124m" if DEVICE == "cuda" else None)
+    if preset_name:
+        from lmlab.model import preset
+
+        pc = preset(preset_name)
+        CFG.clear()
+        CFG.update(n_layer=pc.n_layer, n_head=pc.n_head, d_model=pc.d_model,
+                   max_seq_len=pc.max_seq_len, vocab_size=pc.vocab_size)
+        SEQ = pc.max_seq_len
+    BATCH, SEQ = args.batch or BATCH, args.seq or SEQ
+    CFG["max_seq_len"] = max(CFG["max_seq_len"], SEQ)
+    precisions = (args.precisions or ("bf16" if DEVICE == "cuda" else "fp32,bf16")).split(",")
     if args.threads:
         torch.set_num_threads(args.threads)
 
     flops_per_token = ModelConfig(**CFG).flops_per_token(SEQ)
     dtypes = {"fp32": torch.float32, "bf16": torch.bfloat16}
-    peaks = {p: measured_peak_flops("cpu", dtypes[p], seconds=1.0) for p in precisions}
-    print(f"{cpu_name()}; torch {torch.__version__}, {torch.get_num_threads()} threads; "
-          f"measured matmul peak: "
-          + ", ".join(f"{p} {peak / 1e9:.0f} GFLOP/s" for p, peak in peaks.items())
+    peaks = {p: measured_peak_flops(DEVICE, dtypes[p], seconds=1.0) for p in precisions}
+    where = cpu_name() + f", {torch.get_num_threads()} threads"
+    if DEVICE == "cuda":
+        where = torch.cuda.get_device_name()
+        spec = spec_peak(where)
+        print(f"measured matmul peak on {where}: "
+              + ", ".join(f"{p} {peak / 1e12:.0f} TFLOP/s" for p, peak in peaks.items())
+              + (f"; spec-sheet dense bf16 peak {spec / 1e12:.0f} TFLOP/s (MFU is against it)"
+                 if spec else "; no spec-sheet peak known for it: MFU is against the measured peak"))
+        if spec:
+            peaks = {p: (spec if p == "bf16" else peak) for p, peak in peaks.items()}
+    print(f"{where}; torch {torch.__version__}; model {CFG}, batch {BATCH} x {SEQ}; "
+          "MFU against: "
+          + ", ".join(f"{p} {peak / 1e9:,.0f} GFLOP/s" for p, peak in peaks.items())
           + f"; {flops_per_token / 1e6:.1f} MFLOP per token")
 
     tmp = Path(tempfile.mkdtemp(prefix="lmlab-bench-"))
@@ -143,14 +201,17 @@ def main() -> None:
         t0 = time.perf_counter()
         for _ in range(2):
             v.step()
+        sync()
         print(f"  warmed up {name[0]:8s} {name[1]:16s} in {time.perf_counter() - t0:5.1f} s")
 
     rates: dict[tuple, list[float]] = {k: [] for k in variants}
     for r in range(args.rounds):
         for name, v in variants.items():
+            sync()
             t0 = time.perf_counter()
             for _ in range(args.steps):
                 v.step()
+            sync()
             rates[name].append(args.steps * BATCH * SEQ / (time.perf_counter() - t0))
     med = {k: statistics.median(v) for k, v in rates.items()}
     tags = sorted({t for _, t in variants}, key=lambda t: (t.startswith("bf16"), "compile" in t))
@@ -172,7 +233,7 @@ def main() -> None:
         v, a, t = max((*pick(t), t) for t in tags)
         print(f"fastest lmlab ({best_ours[1]}) {best_ours[0]:,.0f} tok/s vs fastest {label} "
               f"({t}, {a}) {v:,.0f} tok/s: {best_ours[0] / v:.2f}×")
-    print(f"\nfast paths lmlab picked on this machine ({cpu_name()}; lmlab.model.fastpath):")
+    print(f"\nfast paths lmlab picked on this machine ({where}; lmlab.model.fastpath):")
     print(fastpath.report())
     if not args.no_compile:
         print("  (under torch.compile attention is not measured: the blocked path, by rule)")
