@@ -144,18 +144,26 @@ def plain_ops(monkeypatch):
     fastpath.clear()
 
 
+def free_port() -> int:
+    """A TCP port of 127.0.0.1 that nothing listens on now (the OS picks it): torchrun's
+    store and the test servers take one each, so a fixed port never collides with a run
+    left over from another job on the same machine."""
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
 class ServerProcess:
     """A real `lmlab.serve.server.run_server(model_dir, **options)` process on a free port of
     127.0.0.1, its output in `log`; it dies with this process (if pytest itself is killed)."""
 
     def __init__(self, model_dir, log, env: dict | None = None, **options):
-        import socket
         import subprocess
         import sys
 
-        with socket.socket() as s:
-            s.bind(("127.0.0.1", 0))
-            port = s.getsockname()[1]
+        port = free_port()
         kwargs = "".join(f", {k}={str(v) if isinstance(v, Path) else v!r}"
                          for k, v in options.items())
         code = (f"from lmlab.procs import die_with_parent; die_with_parent({os.getpid()}); "

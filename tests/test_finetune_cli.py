@@ -9,6 +9,7 @@ import pytest
 
 from lmlab.model import Transformer, preset
 from lmlab.model_io import save_model_dir
+from tests.conftest import free_port
 
 QA = [("1加1等于几？", "2"), ("天空是什么颜色？", "蓝色"), ("What is 2+2?", "4"),
       ("中国的首都是哪里？", "北京"), ("Say hi.", "hi")]
@@ -127,7 +128,7 @@ def test_sft_with_lora_under_torchrun_equals_one_process(tmp_path, base, chats):
               "--train.device", "cpu", "--train.precision", "fp32", "--train.warmup_steps", 0]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     ddp = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
-                          "--master_port", "29547", "-m", "lmlab.cli", *map(str, common),
+                          "--master_port", str(free_port()), "-m", "lmlab.cli", *map(str, common),
                           "--train.batch_size", "2", "--out_dir", str(tmp_path / "ddp")],
                          capture_output=True, text=True, env=env, timeout=300)
     assert ddp.returncode == 0, ddp.stdout[-2000:] + ddp.stderr[-3000:]

@@ -30,9 +30,8 @@ import torch
 from lmlab.model import Transformer, preset
 from lmlab.model_io import load_model_dir, read_safetensors, save_model_dir
 from lmlab.train.metrics import read_metrics
-from tests.conftest import run_cli, write_shards
+from tests.conftest import free_port, run_cli, write_shards
 
-PORT = "29561"
 QA = [("1加1等于几？", "2"), ("天空是什么颜色？", "蓝色"), ("What is 2+2?", "4"),
       ("中国的首都是哪里？", "北京"), ("Say hi.", "hi"), ("你好吗？", "很好")]
 POS, NEG = ["好", "棒", "喜欢", "great", "love"], ["差", "烂", "失望", "bad", "awful"]
@@ -71,7 +70,7 @@ def torchrun(module_args: list[str], timeout: int = 240) -> subprocess.Completed
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": os.getcwd(),
            "LMLAB_TEST_DUMP_AFTER": str(max(30, timeout - 30))}
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
-           "--master_port", PORT, *module_args]
+           "--master_port", str(free_port()), *module_args]
     p = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                          env=env, start_new_session=True)
     try:

@@ -19,6 +19,7 @@ from lmlab.model_io import load_model_dir
 from lmlab.train import checkpoint as ckpt
 from lmlab.train.metrics import read_metrics
 from lmlab.train.runner import run_task
+from tests.conftest import free_port
 
 D_IN = 4
 
@@ -194,7 +195,7 @@ def test_ddp_ranks_without_validation_batches_reduce_the_same_keys(tmp_path):
     script = tmp_path / "ddp.py"
     script.write_text(DDP_SCRIPT)
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
-           "--master_port", "29531", str(script), str(tmp_path / "run")]
+           "--master_port", str(free_port()), str(script), str(tmp_path / "run")]
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": os.getcwd()}
     p = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=240)
     assert p.returncode == 0, p.stdout[-2000:] + p.stderr[-3000:]

@@ -18,7 +18,7 @@ from lmlab.train.metrics import read_metrics
 from lmlab.train.optim import cosine_with_warmup, param_groups
 from lmlab.train.pretrain import pretrain
 from lmlab.train.trainer import NonFiniteError
-from tests.conftest import write_shards
+from tests.conftest import free_port, write_shards
 
 
 @pytest.fixture(scope="module")
@@ -271,7 +271,7 @@ def test_ddp_two_processes_match_single_process(shards, tmp_path):
     pretrain(make_cfg(shards, single, batch_size=4, max_steps=6))
     ddp = tmp_path / "ddp"
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
-           "--master_port", "29517", "-m", "lmlab.cli", "pretrain", "--data", str(shards),
+           "--master_port", str(free_port()), "-m", "lmlab.cli", "pretrain", "--data", str(shards),
            "--out_dir", str(ddp), "--seq_len", "64", "--model.preset", "tiny",
            "--model.n_layer", "2", "--model.d_model", "64", "--model.n_head", "4",
            "--model.max_seq_len", "64", "--train.batch_size", "2", "--train.max_steps", "6",
