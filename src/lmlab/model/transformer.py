@@ -619,6 +619,7 @@ class Transformer(nn.Module):
         # .to(bfloat16) would round the RoPE frequencies too (radians of error by position
         # 4000); keep them float32 whatever dtype the weights take
         super()._apply(fn, recurse)
+        self.__dict__.pop("_lean", None)  # the CPU decode step's plan holds the old tensors
         if self.cfg.pos_emb == "rope":
             self.inv_freq = rope_inv_freq(self.cfg).to(self.inv_freq.device)
         return self
@@ -703,6 +704,9 @@ class Transformer(nn.Module):
     def decode_slots(self, ids: torch.Tensor, slots: SlotCache) -> torch.Tensor:
         """One token per running slot, ids (n,) for slots 0..n-1; next-token logits (n, vocab)."""
         rows = slots.rows(ids.shape[0])
+        plan = _lean_plan(self, ids)
+        if plan is not None:  # a CPU inference step: the same arithmetic with less Python
+            return _decode_lean(self, plan, ids, rows)
         h = self(ids[:, None], cache=rows, attn_mask=rows.mask, positions=rows.positions,
                  return_hidden=True)
         return self.lm_head(h[:, -1])
@@ -748,3 +752,179 @@ class Transformer(nn.Module):
 
     def num_params(self) -> int:
         return sum(p.numel() for p in self.parameters())
+
+
+# ---------------------------------------------------------------- the decode step on a CPU
+
+# A decode step on a CPU multiplies one row per sequence by every weight; at the small preset
+# those products take ~5 ms of a ~10 ms step on a 2-core EPYC, and the rest is mostly Python:
+# each nn.Module call costs ~7 µs there, each parameter read through a module ~2 µs, and a
+# step makes ~70 calls and ~200 reads. `_decode_lean` is `forward` for that one case — the
+# same ops in the same order on the same tensors, the same measured fast paths — walking a
+# plan of plain tensors built once. It runs only where it is exactly `forward`'s arithmetic:
+# CPU, no autograd, eval mode, no autocast, a plain `Transformer` (not FSDP's or another
+# wrapper's subclass) whose blocks hold lmlab's own `Linear`s (a LoRA wrapper is not one), no
+# forward hooks; the plan is rebuilt when a module or parameter is assigned anywhere
+# (`_structure` below), when the model moves (`_apply`) or when fastpath choices are cleared.
+
+_structure = [0]  # bumped whenever any module, parameter or buffer is (re)assigned
+
+
+def _bump(*_args) -> None:
+    _structure[0] += 1
+
+
+for _register in ("register_module_module_registration_hook",
+                  "register_module_parameter_registration_hook",
+                  "register_module_buffer_registration_hook"):
+    getattr(nn.modules.module, _register)(_bump)
+
+
+class _LeanLayer(NamedTuple):
+    norm1: tuple
+    qkv: tuple
+    proj: tuple
+    norm2: tuple
+    fc: tuple
+    fc2: tuple
+    q_norm: RMSNorm | None
+    k_norm: RMSNorm | None
+    mlp: str  # "gelu" (tanh), "gelu_exact" or "swiglu"
+
+
+class _LeanPlan(NamedTuple):
+    stamp: int
+    modules: list
+    layers: list
+    norm: tuple
+    head: tuple
+
+
+def _norm_args(m: nn.Module):
+    """(F.layer_norm's arguments) for a LayerNorm, or (the RMSNorm) for an RMSNorm."""
+    if type(m) is nn.LayerNorm:
+        return (m.normalized_shape, m.weight, m.bias, m.eps)
+    return (m,) if type(m) is RMSNorm else None
+
+
+def _apply_norm(args: tuple, x: torch.Tensor) -> torch.Tensor:
+    return args[0].forward(x) if len(args) == 1 else F.layer_norm(x, *args)
+
+
+def _lin_args(m: nn.Module):
+    """(weight, bias, row blocks, in, out) of one of lmlab's `Linear`s; None for anything else."""
+    if type(m) is not Linear or not m.weight.is_contiguous():
+        return None
+    return (m.weight, m.bias, _row_blocks(m.out_features), m.in_features, m.out_features)
+
+
+def _lean_plan(model: "Transformer", ids: torch.Tensor) -> _LeanPlan | None:
+    """The plan for `_decode_lean`, or None where the module path must run."""
+    if (ids.device.type != "cpu" or torch.is_grad_enabled() or model.training
+            or type(model) is not Transformer or torch.compiler.is_compiling()
+            or compute_dtype(model.tok_emb.weight) != model.tok_emb.weight.dtype):
+        return None
+    plan = model.__dict__.get("_lean")
+    state = _UNCHANGED if plan is not None and plan.stamp == _structure[0] else _CHANGED
+    if state is _UNCHANGED:
+        state = _check(plan.modules)
+    if state is _CHANGED:  # first use, or a module was assigned or changed its class
+        plan = model.__dict__["_lean"] = _build_lean_plan(model, _structure[0])
+        state = _check(plan.modules)
+    return plan if state is _UNCHANGED and plan.layers is not None else None
+
+
+_UNCHANGED, _CHANGED, _HOOKED = "unchanged", "changed", "hooked"
+
+
+def _check(modules: list) -> str:
+    """Whether every module still has the class it had when the plan was built (LoRA and
+    parametrizations change a layer's class in place), and none has a forward hook."""
+    g = nn.modules.module
+    hooked = bool(g._global_forward_hooks or g._global_forward_pre_hooks)
+    for m, cls in modules:
+        if type(m) is not cls:
+            return _CHANGED
+        if m._forward_hooks or m._forward_pre_hooks:
+            hooked = True
+    return _HOOKED if hooked else _UNCHANGED
+
+
+def _build_lean_plan(model: "Transformer", stamp: int) -> _LeanPlan:
+    modules = [(m, type(m)) for m in model.modules()]
+    none = _LeanPlan(stamp, modules, None, (), ())
+    if not model.tok_emb.weight.dtype.is_floating_point:
+        return none
+    layers = []
+    for blk in model.blocks:
+        a, m = blk.attn, blk.mlp
+        if (type(blk) is not Block or type(a) is not Attention or type(m) is not MLP
+                or blk.post_norm or not a.causal):
+            return none
+        parts = (_norm_args(blk.norm1), _lin_args(a.qkv), _lin_args(a.proj),
+                 _norm_args(blk.norm2), _lin_args(m.fc), _lin_args(m.proj))
+        if any(p is None for p in parts):
+            return none
+        kind = "swiglu" if m.swiglu else "gelu_exact" if m.exact_gelu else "gelu"
+        layers.append(_LeanLayer(*parts, a.q_norm, a.k_norm, kind))
+    norm, head = _norm_args(model.norm), _lin_args(model.lm_head)
+    if norm is None or head is None:
+        return none
+    return _LeanPlan(stamp, modules, layers, norm, head)
+
+
+def _lean_linear(args: tuple, x: torch.Tensor) -> torch.Tensor:
+    """`Linear.forward` in a lean step: the measured matrix-vector product of its shape."""
+    w, b, k, in_f, out_f = args
+    rows = x.numel() // in_f
+    if k and 0 < rows <= 16 and x.dtype == w.dtype:
+        return fastpath.run("linear_matvec", (rows, in_f, out_f, x.dtype, b is not None),
+                            _MATVEC_PATHS, x, w, b, k, fields=_MATVEC_KEY)
+    return F.linear(x, w, b)
+
+
+def _decode_lean(model: "Transformer", plan: _LeanPlan, ids: torch.Tensor,
+                 rows: "_SlotRows") -> torch.Tensor:
+    """`decode_slots` through the module path, op for op, without the modules (see above)."""
+    cfg = model.cfg
+    n = ids.shape[0]
+    H, Hkv, D = cfg.n_head, cfg.n_kv_head, cfg.head_dim
+    q_dim, kv_dim = H * D, Hkv * D
+    positions = rows.positions
+    if positions is None:
+        positions = torch.arange(rows.pos, rows.pos + 1, device=ids.device)
+    x = F.embedding(ids[:, None], model.tok_emb.weight)
+    rope = None
+    if model.pos_emb is not None:
+        x = x + F.embedding(positions, model.pos_emb.weight)
+    else:
+        rope = model.rope_cos_sin(positions, x.dtype)
+    mask = rows.mask
+    key = (n, H, Hkv, D, _pow2_at_least(rows.pos + 1), x.dtype, mask is not None)
+    for i, layer in enumerate(plan.layers):
+        h = _apply_norm(layer.norm1, x)
+        q, k, v = _lean_linear(layer.qkv, h).split([q_dim, kv_dim, kv_dim], dim=-1)
+        q = q.view(n, 1, H, D).transpose(1, 2)
+        k = k.view(n, 1, Hkv, D).transpose(1, 2)
+        v = v.view(n, 1, Hkv, D).transpose(1, 2)
+        if layer.q_norm is not None:
+            q, k = layer.q_norm.forward(q), layer.k_norm.forward(k)
+        if rope is not None:
+            q, k = apply_rope(q, *rope), apply_rope(k, *rope)
+        k, v = rows.update(i, k, v)
+        if rows.pos:
+            y = fastpath.run("decode_attention", key, _DECODE_ATTENTION, q, k, v, mask,
+                             fields=_DECODE_KEY)
+        else:  # an empty cache: the module path's SDPA (a query sees itself)
+            y = _attention_sdpa(q, k, v, mask)
+        x = x + _lean_linear(layer.proj, y.transpose(1, 2).reshape(n, 1, -1))
+        h = _lean_linear(layer.fc, _apply_norm(layer.norm2, x))
+        if layer.mlp == "swiglu":
+            gate, up = h.chunk(2, dim=-1)
+            h = F.silu(gate) * up
+        else:
+            h = F.gelu(h) if layer.mlp == "gelu_exact" else F.gelu(h, approximate="tanh")
+        x = x + _lean_linear(layer.fc2, h)
+    rows.advance(1)
+    x = _apply_norm(plan.norm, x)
+    return _lean_linear(plan.head, x[:, -1])
