@@ -885,28 +885,31 @@ def _lean_linear(args: tuple, x: torch.Tensor) -> torch.Tensor:
 
 def _decode_lean(model: "Transformer", plan: _LeanPlan, ids: torch.Tensor,
                  rows: "_SlotRows") -> torch.Tensor:
-    """`decode_slots` through the module path, op for op, without the modules (see above)."""
+    """`decode_slots` through the module path, op for op, without the modules (see above).
+
+    The hidden states are (n, d) rather than forward's (n, 1, d): the same numbers in the
+    same order, so each product is the same kernel call on the same memory, with fewer
+    views around it (a query is (n, H, 1, D) straight from the fused projection)."""
     cfg = model.cfg
     n = ids.shape[0]
     H, Hkv, D = cfg.n_head, cfg.n_kv_head, cfg.head_dim
     q_dim, kv_dim = H * D, Hkv * D
-    positions = rows.positions
-    if positions is None:
-        positions = torch.arange(rows.pos, rows.pos + 1, device=ids.device)
-    x = F.embedding(ids[:, None], model.tok_emb.weight)
+    positions = rows.positions  # (n, 1) where the rows' lengths differ, else None
+    x = F.embedding(ids, model.tok_emb.weight)
     rope = None
-    if model.pos_emb is not None:
-        x = x + F.embedding(positions, model.pos_emb.weight)
+    if model.pos_emb is not None:  # the same rows of the table forward's embedding call reads
+        pos = model.pos_emb.weight
+        x = x + (pos[rows.pos] if positions is None else F.embedding(positions[:, 0], pos))
     else:
+        if positions is None:
+            positions = torch.arange(rows.pos, rows.pos + 1, device=ids.device)
         rope = model.rope_cos_sin(positions, x.dtype)
     mask = rows.mask
     key = (n, H, Hkv, D, _pow2_at_least(rows.pos + 1), x.dtype, mask is not None)
     for i, layer in enumerate(plan.layers):
         h = _apply_norm(layer.norm1, x)
         q, k, v = _lean_linear(layer.qkv, h).split([q_dim, kv_dim, kv_dim], dim=-1)
-        q = q.view(n, 1, H, D).transpose(1, 2)
-        k = k.view(n, 1, Hkv, D).transpose(1, 2)
-        v = v.view(n, 1, Hkv, D).transpose(1, 2)
+        q, k, v = q.view(n, H, 1, D), k.view(n, Hkv, 1, D), v.view(n, Hkv, 1, D)
         if layer.q_norm is not None:
             q, k = layer.q_norm.forward(q), layer.k_norm.forward(k)
         if rope is not None:
@@ -917,7 +920,7 @@ def _decode_lean(model: "Transformer", plan: _LeanPlan, ids: torch.Tensor,
                              fields=_DECODE_KEY)
         else:  # an empty cache: the module path's SDPA (a query sees itself)
             y = _attention_sdpa(q, k, v, mask)
-        x = x + _lean_linear(layer.proj, y.transpose(1, 2).reshape(n, 1, -1))
+        x = x + _lean_linear(layer.proj, y.reshape(n, q_dim))
         h = _lean_linear(layer.fc, _apply_norm(layer.norm2, x))
         if layer.mlp == "swiglu":
             gate, up = h.chunk(2, dim=-1)
@@ -926,5 +929,4 @@ def _decode_lean(model: "Transformer", plan: _LeanPlan, ids: torch.Tensor,
             h = F.gelu(h) if layer.mlp == "gelu_exact" else F.gelu(h, approximate="tanh")
         x = x + _lean_linear(layer.fc2, h)
     rows.advance(1)
-    x = _apply_norm(plan.norm, x)
-    return _lean_linear(plan.head, x[:, -1])
+    return _lean_linear(plan.head, _apply_norm(plan.norm, x))
