@@ -27,7 +27,7 @@ from __future__ import annotations
 
 import functools
 import math
-from typing import NamedTuple
+from typing import Callable, NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -105,10 +105,17 @@ class Linear(nn.Linear):
                     if x.dtype == torch.float32 and (rows <= 4 or wide):
                         return _blocked_matvec(x, w, b, k)
                 else:
-                    key = (rows, self.in_features, self.out_features, x.dtype, b is not None)
-                    return fastpath.run("linear_matvec", key, _MATVEC_PATHS, x, w, b, k,
-                                        fields=_MATVEC_KEY)
+                    return _measured_matvec(x, w, b, k, rows, self.in_features,
+                                            self.out_features)
         return F.linear(x, w, b)
+
+
+def _measured_matvec(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None, k: int,
+                     rows: int, in_f: int, out_f: int) -> torch.Tensor:
+    """x Wᵀ + b for a few rows on a CPU: the blocked product or `F.linear`, whichever
+    `fastpath.run` measured faster for this shape (`Linear` and the lean decode step)."""
+    return fastpath.run("linear_matvec", (rows, in_f, out_f, x.dtype, b is not None),
+                        _MATVEC_PATHS, x, w, b, k, fields=_MATVEC_KEY)
 
 
 def _blocked_matvec(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None,
@@ -520,19 +527,20 @@ class MLP(nn.Module):
         self.dropout = nn.Dropout(cfg.dropout)
 
     def forward(self, x):
-        h = self.fc(x)
+        return self.dropout(self.proj(self.activate(self.fc(x))))
+
+    def activate(self, h: torch.Tensor) -> torch.Tensor:
+        """The nonlinearity between fc and proj (the lean decode step calls it too)."""
         if self.swiglu:
             gate, up = h.chunk(2, dim=-1)
-            h = F.silu(gate) * up
-        elif self.exact_gelu:
-            h = F.gelu(h)  # BERT's x·Φ(x), Φ the normal CDF
-        elif torch.compiler.is_compiling():
+            return F.silu(gate) * up
+        if self.exact_gelu:
+            return F.gelu(h)  # BERT's x·Φ(x), Φ the normal CDF
+        if torch.compiler.is_compiling():
             # GPT-2's "gelu_new", ½x(1 + tanh u) = x·σ(2u): the same function, and inductor's
             # sigmoid kernel (with its derivative) is twice as fast as its tanh on a CPU
-            h = h * torch.sigmoid(_GELU_2C * (h + 0.044715 * h * h * h))
-        else:
-            h = F.gelu(h, approximate="tanh")  # GPT-2's "gelu_new"
-        return self.dropout(self.proj(h))
+            return h * torch.sigmoid(_GELU_2C * (h + 0.044715 * h * h * h))
+        return F.gelu(h, approximate="tanh")  # GPT-2's "gelu_new"
 
 
 class Block(nn.Module):
@@ -765,7 +773,7 @@ class Transformer(nn.Module):
 # CPU, no autograd, eval mode, no autocast, a plain `Transformer` (not FSDP's or another
 # wrapper's subclass) whose blocks hold lmlab's own `Linear`s (a LoRA wrapper is not one), no
 # forward hooks; the plan is rebuilt when a module or parameter is assigned anywhere
-# (`_structure` below), when the model moves (`_apply`) or when fastpath choices are cleared.
+# (`_structure` below), when a module's class changes (`_check`) or the model moves (`_apply`).
 
 _structure = [0]  # bumped whenever any module, parameter or buffer is (re)assigned
 
@@ -789,7 +797,7 @@ class _LeanLayer(NamedTuple):
     fc2: tuple
     q_norm: RMSNorm | None
     k_norm: RMSNorm | None
-    mlp: str  # "gelu" (tanh), "gelu_exact" or "swiglu"
+    activate: Callable  # the block's MLP.activate
 
 
 class _LeanPlan(NamedTuple):
@@ -821,8 +829,10 @@ def _lin_args(m: nn.Module):
 def _lean_plan(model: "Transformer", ids: torch.Tensor) -> _LeanPlan | None:
     """The plan for `_decode_lean`, or None where the module path must run."""
     if (ids.device.type != "cpu" or torch.is_grad_enabled() or model.training
-            or type(model) is not Transformer or torch.compiler.is_compiling()
-            or compute_dtype(model.tok_emb.weight) != model.tok_emb.weight.dtype):
+            or type(model) is not Transformer or torch.compiler.is_compiling()):
+        return None
+    emb = model.tok_emb.weight
+    if compute_dtype(emb) != emb.dtype:  # autocast would change the products' dtype
         return None
     plan = model.__dict__.get("_lean")
     state = _UNCHANGED if plan is not None and plan.stamp == _structure[0] else _CHANGED
@@ -865,8 +875,7 @@ def _build_lean_plan(model: "Transformer", stamp: int) -> _LeanPlan:
                  _norm_args(blk.norm2), _lin_args(m.fc), _lin_args(m.proj))
         if any(p is None for p in parts):
             return none
-        kind = "swiglu" if m.swiglu else "gelu_exact" if m.exact_gelu else "gelu"
-        layers.append(_LeanLayer(*parts, a.q_norm, a.k_norm, kind))
+        layers.append(_LeanLayer(*parts, a.q_norm, a.k_norm, m.activate))
     norm, head = _norm_args(model.norm), _lin_args(model.lm_head)
     if norm is None or head is None:
         return none
@@ -874,12 +883,11 @@ def _build_lean_plan(model: "Transformer", stamp: int) -> _LeanPlan:
 
 
 def _lean_linear(args: tuple, x: torch.Tensor) -> torch.Tensor:
-    """`Linear.forward` in a lean step: the measured matrix-vector product of its shape."""
+    """`Linear.forward` in a lean step (whose caller checked what its first test checks)."""
     w, b, k, in_f, out_f = args
     rows = x.numel() // in_f
     if k and 0 < rows <= 16 and x.dtype == w.dtype:
-        return fastpath.run("linear_matvec", (rows, in_f, out_f, x.dtype, b is not None),
-                            _MATVEC_PATHS, x, w, b, k, fields=_MATVEC_KEY)
+        return _measured_matvec(x, w, b, k, rows, in_f, out_f)
     return F.linear(x, w, b)
 
 
@@ -921,12 +929,7 @@ def _decode_lean(model: "Transformer", plan: _LeanPlan, ids: torch.Tensor,
         else:  # an empty cache: the module path's SDPA (a query sees itself)
             y = _attention_sdpa(q, k, v, mask)
         x = x + _lean_linear(layer.proj, y.reshape(n, q_dim))
-        h = _lean_linear(layer.fc, _apply_norm(layer.norm2, x))
-        if layer.mlp == "swiglu":
-            gate, up = h.chunk(2, dim=-1)
-            h = F.silu(gate) * up
-        else:
-            h = F.gelu(h) if layer.mlp == "gelu_exact" else F.gelu(h, approximate="tanh")
+        h = layer.activate(_lean_linear(layer.fc, _apply_norm(layer.norm2, x)))
         x = x + _lean_linear(layer.fc2, h)
     rows.advance(1)
     return _lean_linear(plan.head, _apply_norm(plan.norm, x))
