@@ -33,7 +33,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from lmlab.model import fastpath, register_kind
+from lmlab.model import fastpath, hugepages, register_kind
 from lmlab.model.config import ModelConfig, preset
 from lmlab.model.loss import compute_dtype, linear_cross_entropy
 
@@ -118,16 +118,29 @@ def _measured_matvec(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None, k
                         _MATVEC_PATHS, x, w, b, k, fields=_MATVEC_KEY)
 
 
+def _expanded_t(x: torch.Tensor, k: int) -> torch.Tensor:
+    """x (rows, in) transposed and expanded to (k, in, rows): one strided view where x is
+    contiguous (the same strides as x.t().expand(...), in one op instead of two)."""
+    rows, in_f = x.shape
+    if x.is_contiguous():
+        return x.as_strided((k, in_f, rows), (0, 1, in_f))
+    return x.t().expand(k, in_f, rows)
+
+
 def _blocked_matvec(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None,
                     k: int) -> torch.Tensor:
     """x Wᵀ + b as a batched multiply over k blocks of W's rows (see `Linear`)."""
     out_f, in_f = w.shape
-    rows = x.numel() // in_f
-    xt = x.reshape(rows, in_f).t().expand(k, in_f, rows)
+    x2 = x.reshape(-1, in_f)
+    rows = x2.shape[0]
+    xt = _expanded_t(x2, k)
     if b is None:
         y = torch.bmm(w.view(k, out_f // k, in_f), xt)
     else:  # the bias added inside the same call: one op fewer per layer and step
         y = torch.baddbmm(b.view(k, out_f // k, 1), w.view(k, out_f // k, in_f), xt)
+    if rows == 1:  # (k, out/k, 1) is already the row
+        return y.view(*x.shape[:-1], out_f)
+    # a transposed view, not a copy: what follows reads it in place
     return y.view(out_f, rows).t().reshape(*x.shape[:-1], out_f)
 
 
@@ -285,14 +298,16 @@ class _SlotRows:
 
     def update(self, layer: int, k: torch.Tensor, v: torch.Tensor):
         kc, vc = self.slots.k[layer], self.slots.v[layer]
+        if self.n != kc.shape[0]:
+            kc, vc = kc[:self.n], vc[:self.n]
         if self.ragged:  # each row at its own length: (rows, positions) pairs
             kc[self._rows, :, self._lens] = k[:, :, 0]
             vc[self._rows, :, self._lens] = v[:, :, 0]
-        else:
-            kc[:self.n, :, self.pos:self.pos + 1] = k
-            vc[:self.n, :, self.pos:self.pos + 1] = v
+        else:  # narrow, not slicing: fewer ops on a step's hot path
+            kc.narrow(2, self.pos, 1).copy_(k)
+            vc.narrow(2, self.pos, 1).copy_(v)
         end = self.pos + 1
-        return kc[:self.n, :, :end], vc[:self.n, :, :end]
+        return kc.narrow(2, 0, end), vc.narrow(2, 0, end)
 
     def advance(self, T: int) -> None:
         lens = self.slots.lens
@@ -809,21 +824,33 @@ class _LeanPlan(NamedTuple):
 
 
 def _norm_args(m: nn.Module):
-    """(F.layer_norm's arguments) for a LayerNorm, or (the RMSNorm) for an RMSNorm."""
-    if type(m) is nn.LayerNorm:
-        return (m.normalized_shape, m.weight, m.bias, m.eps)
+    """(torch.layer_norm's arguments) for a LayerNorm, or (the RMSNorm) for an RMSNorm."""
+    if type(m) is nn.LayerNorm:  # the call F.layer_norm makes, without its Python wrapper
+        return (m.normalized_shape, m.weight, m.bias, m.eps, False)
     return (m,) if type(m) is RMSNorm else None
 
 
 def _apply_norm(args: tuple, x: torch.Tensor) -> torch.Tensor:
-    return args[0].forward(x) if len(args) == 1 else F.layer_norm(x, *args)
+    return args[0].forward(x) if len(args) == 1 else torch.layer_norm(x, *args)
+
+
+class _LeanLinear(NamedTuple):
+    w: torch.Tensor
+    b: torch.Tensor | None
+    k: int  # row blocks of the blocked product (0: F.linear only)
+    in_f: int
+    out_f: int
+    w3: torch.Tensor | None  # w.view(k, out/k, in) and b.view(k, out/k, 1), made once
+    b3: torch.Tensor | None
 
 
 def _lin_args(m: nn.Module):
-    """(weight, bias, row blocks, in, out) of one of lmlab's `Linear`s; None for anything else."""
+    """A `_LeanLinear` for one of lmlab's `Linear`s; None for anything else."""
     if type(m) is not Linear or not m.weight.is_contiguous():
         return None
-    return (m.weight, m.bias, _row_blocks(m.out_features), m.in_features, m.out_features)
+    w, b, k, o, i = m.weight, m.bias, _row_blocks(m.out_features), m.out_features, m.in_features
+    return _LeanLinear(w, b, k, i, o, w.view(k, o // k, i) if k else None,
+                       b.view(k, o // k, 1) if k and b is not None else None)
 
 
 def _lean_plan(model: "Transformer", ids: torch.Tensor) -> _LeanPlan | None:
@@ -861,6 +888,14 @@ def _check(modules: list) -> str:
 
 
 def _build_lean_plan(model: "Transformer", stamp: int) -> _LeanPlan:
+    plan = _lean_parts(model, stamp)
+    # the weights into huge pages first (a rule, see hugepages.py), then the plan over them
+    if plan.layers is not None and not hugepages.placed(model) and hugepages.place(model):
+        plan = _lean_parts(model, stamp)
+    return plan
+
+
+def _lean_parts(model: "Transformer", stamp: int) -> _LeanPlan:
     modules = [(m, type(m)) for m in model.modules()]
     none = _LeanPlan(stamp, modules, None, (), ())
     if not model.tok_emb.weight.dtype.is_floating_point:
@@ -882,13 +917,26 @@ def _build_lean_plan(model: "Transformer", stamp: int) -> _LeanPlan:
     return _LeanPlan(stamp, modules, layers, norm, head)
 
 
-def _lean_linear(args: tuple, x: torch.Tensor) -> torch.Tensor:
-    """`Linear.forward` in a lean step (whose caller checked what its first test checks)."""
-    w, b, k, in_f, out_f = args
-    rows = x.numel() // in_f
-    if k and 0 < rows <= 16 and x.dtype == w.dtype:
-        return _measured_matvec(x, w, b, k, rows, in_f, out_f)
-    return F.linear(x, w, b)
+def _lean_blocked(x: torch.Tensor, a: _LeanLinear) -> torch.Tensor:
+    """`_blocked_matvec` for x (n, in) with the weight's views made once (the same calls)."""
+    n = x.shape[0]
+    xt = _expanded_t(x, a.k)
+    y = torch.bmm(a.w3, xt) if a.b3 is None else torch.baddbmm(a.b3, a.w3, xt)
+    return y.view(n, a.out_f) if n == 1 else y.view(a.out_f, n).t()
+
+
+# the same choices as _MATVEC_PATHS (one measurement per shape serves both), lean arguments
+_LEAN_MATVEC = {fastpath.PLAIN: lambda x, a: F.linear(x, a.w, a.b), "blocked": _lean_blocked}
+
+
+def _lean_linear(a: _LeanLinear, x: torch.Tensor) -> torch.Tensor:
+    """`Linear.forward` in a lean step, x (n, in) (whose caller checked what its first test
+    checks: CPU, no autograd, no autocast, the weight's dtype)."""
+    n = x.shape[0]
+    if a.k and 0 < n <= 16:
+        return fastpath.run("linear_matvec", (n, a.in_f, a.out_f, x.dtype, a.b is not None),
+                            _LEAN_MATVEC, x, a, fields=_MATVEC_KEY)
+    return F.linear(x, a.w, a.b)
 
 
 def _decode_lean(model: "Transformer", plan: _LeanPlan, ids: torch.Tensor,
@@ -901,7 +949,7 @@ def _decode_lean(model: "Transformer", plan: _LeanPlan, ids: torch.Tensor,
     cfg = model.cfg
     n = ids.shape[0]
     H, Hkv, D = cfg.n_head, cfg.n_kv_head, cfg.head_dim
-    q_dim, kv_dim = H * D, Hkv * D
+    q_dim = H * D
     positions = rows.positions  # (n, 1) where the rows' lengths differ, else None
     x = F.embedding(ids, model.tok_emb.weight)
     rope = None
@@ -916,8 +964,11 @@ def _decode_lean(model: "Transformer", plan: _LeanPlan, ids: torch.Tensor,
     key = (n, H, Hkv, D, _pow2_at_least(rows.pos + 1), x.dtype, mask is not None)
     for i, layer in enumerate(plan.layers):
         h = _apply_norm(layer.norm1, x)
-        q, k, v = _lean_linear(layer.qkv, h).split([q_dim, kv_dim, kv_dim], dim=-1)
-        q, k, v = q.view(n, H, 1, D), k.view(n, Hkv, 1, D), v.view(n, Hkv, 1, D)
+        qkv = _lean_linear(layer.qkv, h)  # (n, (H + 2 Hkv) D)
+        if H == Hkv:  # the same (n, H, 1, D) views as a split of the last dim, in fewer ops
+            q, k, v = qkv.view(n, 3, H, 1, D).unbind(1)
+        else:
+            q, k, v = qkv.view(n, H + 2 * Hkv, 1, D).split([H, Hkv, Hkv], dim=1)
         if layer.q_norm is not None:
             q, k = layer.q_norm.forward(q), layer.k_norm.forward(k)
         if rope is not None:
